@@ -1,0 +1,13 @@
+"""fastconv: fused Triton and CUDA kernels for the convolutions of efficient CNNs.
+
+Every op is a PyTorch op in the `fastconv` namespace (`torch.ops.fastconv.*`) with three
+backends (cuda, triton, torch); see `fastconv.backends`.
+"""
+
+from fastconv import backends, reference
+from fastconv.backends import get_backend, set_backend, use_backend
+from fastconv.ops import bn_act
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "bn_act", "get_backend", "reference", "set_backend", "use_backend"]

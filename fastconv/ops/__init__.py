@@ -1,0 +1,6 @@
+"""The fastconv ops: each module defines its `torch.ops.fastconv.*` schemas once, with fake,
+autograd and per-backend implementations beside them."""
+
+from fastconv.ops.bn_act import bn_act
+
+__all__ = ["bn_act"]

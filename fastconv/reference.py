@@ -1,0 +1,47 @@
+"""Pure-PyTorch references for every fastconv op.
+
+These are the `torch` backend, the oracle of the tests (run in float64) and the eager
+baseline of the benchmarks: one definition, shared by all three.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastconv.activations import activation_derivative, apply_activation
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half-precision inputs are computed in float32, as the kernels do; float64 stays float64.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(vector: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return vector.to(dtype).view(1, -1, 1, 1)
+
+
+def bn_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
+    """act(x * scale[c] + shift[c]) for x of shape (N, C, H, W); result in x's dtype."""
+    dtype = _compute_dtype(x)
+    z = x.to(dtype) * _per_channel(scale, dtype) + _per_channel(shift, dtype)
+    return apply_activation(z, activation).to(x.dtype)
+
+
+def bn_act_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    activation: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_scale, grad_shift) of `bn_act`, computed by the chain rule in one pass."""
+    dtype = _compute_dtype(x)
+    x_wide = x.to(dtype)
+    z = x_wide * _per_channel(scale, dtype) + _per_channel(shift, dtype)
+    grad_z = grad_y.to(dtype) * activation_derivative(z, activation)
+    grad_x = (grad_z * _per_channel(scale, dtype)).to(x.dtype)
+    grad_scale = (grad_z * x_wide).sum(dim=(0, 2, 3)).to(scale.dtype)
+    grad_shift = grad_z.sum(dim=(0, 2, 3)).to(shift.dtype)
+    return grad_x, grad_scale, grad_shift

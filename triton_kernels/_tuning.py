@@ -1,0 +1,52 @@
+"""Autotuning that also works in Triton's CPU interpreter.
+
+On a GPU every config is timed on first use per key, and the best is cached. The interpreter
+has no device timer (Triton's autotuner fails there with "0 active drivers"), so under
+TRITON_INTERPRET=1 only the first config is kept: list the one that suits small CPU test
+shapes first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    if interpreting():
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def parallel_programs(device: torch.device) -> int:
+    """How many programs keep the device busy: 4 per multiprocessor on a GPU.
+
+    In the interpreter every program costs about 20 ms of Python, so there a handful will do.
+    """
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def merged_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
+    """The stride s with element i of the flattened dims at offset i * s, or None if none exists.
+
+    Dimensions of size 1 take any stride. This is what lets a kernel index a channels_last
+    tensor, or a channel slice of one, by a single row index without dividing by H and W.
+    """
+    dims = [(size, stride) for size, stride in zip(sizes, strides) if size != 1]
+    if not dims:
+        return 1
+    inner = dims[-1][1]
+    expected = inner
+    for size, stride in reversed(dims):
+        if stride != expected:
+            return None
+        expected = stride * size
+    return inner
