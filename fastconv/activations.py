@@ -48,8 +48,8 @@ def activation_derivative(z: torch.Tensor, activation: Optional[str]) -> torch.T
     """d activation / dz at `z`, with PyTorch's own conventions at the kinks.
 
     relu and relu6 are differentiated as `threshold_backward` and `hardtanh_backward` do: the
-    gradient is zero *at* 0 and at 6, and a NaN passes its gradient on. hardswish uses
-    `hardswish_backward`'s z/3 + 1/2 on [-3, 3].
+    gradient is zero *at* 0 and at 6. hardswish follows `hardswish_backward`: 0 up to and at
+    -3, z/3 + 1/2 on the open (-3, 3), 1 from 3 on (checked against torch 2.14).
     """
     activation_code(activation)
     if activation is None:
@@ -63,4 +63,4 @@ def activation_derivative(z: torch.Tensor, activation: Optional[str]) -> torch.T
         return s * (1 + z * (1 - s))
     # hardswish
     middle = z / 3 + 0.5
-    return torch.where(z < -3, torch.zeros_like(z), torch.where(z <= 3, middle, torch.ones_like(z)))
+    return torch.where(z <= -3, torch.zeros_like(z), torch.where(z < 3, middle, torch.ones_like(z)))

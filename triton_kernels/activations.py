@@ -2,9 +2,8 @@
 
 Codes match `fastconv.activations.ACTIVATION_CODES`: 0 none, 1 relu, 2 relu6, 3 silu,
 4 hardswish. NaN propagates as in PyTorch (hence PropagateNan.ALL on min/max), and the
-derivatives follow PyTorch's backward kernels at the kinks and at NaN: zero at relu's 0 and
-at relu6's 0 and 6, z/3 + 1/2 on hardswish's closed [-3, 3], and the tests written as
-"is it cut off?" so that a NaN passes its gradient on, as threshold_backward's does.
+derivatives follow PyTorch's backward kernels at the kinks: zero at relu's 0 and at relu6's
+0 and 6, and z/3 + 1/2 on hardswish's open (-3, 3).
 """
 
 import triton
@@ -38,5 +37,5 @@ def activation_derivative(z, ACTIVATION: tl.constexpr):
         s = tl.sigmoid(z)
         d = s * (1.0 + z * (1.0 - s))
     else:
-        d = tl.where(z < -3.0, zero, tl.where(z <= 3.0, z / 3.0 + 0.5, one))
+        d = tl.where(z <= -3.0, zero, tl.where(z < 3.0, z / 3.0 + 0.5, one))
     return d

@@ -1,0 +1,15 @@
+"""Test session setup.
+
+Without a GPU the Triton kernels still run, on CPU tensors, in Triton's interpreter; it must be
+switched on before any kernel module is imported, because @triton.jit reads it at decoration.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Every test starts from the default choice, whatever the calling shell exported.
+os.environ.pop("FASTCONV_BACKEND", None)

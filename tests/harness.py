@@ -1,0 +1,137 @@
+"""Shared test machinery: inputs, layouts, poisoning, the low-precision oracle, reports.
+
+The oracle follows flash-attention's: an op in float16 or bfloat16 passes when its error
+against a float64 reference is at most twice what PyTorch's own eager op makes in that dtype
+against the same reference, plus a small absolute slack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import pytest
+import torch
+
+import fastconv
+from fastconv.backends import available
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("nchw", "channels_last", "channel_slice", "spatial_slice")
+
+# The slack added to twice PyTorch's error, relative to the reference's largest magnitude:
+# about two units in the last place of each dtype.
+_RELATIVE_SLACK = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def backends_under_test() -> list:
+    """Every backend as a pytest param; those that cannot run here are skipped with the reason."""
+    params = []
+    status = available()
+    for name in ("torch", "triton", "cuda"):
+        reason = status[name].reason
+        if name == "cuda" and not reason and not ON_GPU:
+            reason = "no CUDA device"
+        marks = [pytest.mark.skip(reason=f"backend {name}: {reason}")] if reason else []
+        if name == "cuda":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def random_tensor(
+    shape: Sequence[int], dtype: torch.dtype = torch.float32, layout: str = "nchw", device=DEVICE, scale: float = 1.0
+) -> torch.Tensor:
+    """Fresh normal random data, never zeros, in one of the LAYOUTS.
+
+    channel_slice: channels 2..C+2 of a wider channels_last buffer (channel stride 1, pixel
+    stride C+5), as DenseNet reads its concatenated features. spatial_slice: a crop of a larger
+    NCHW tensor, so that H and W do not merge into one stride.
+    """
+    n, c, h, w = shape
+    if layout == "nchw":
+        base = torch.randn(n, c, h, w, device=device)
+    elif layout == "channels_last":
+        base = torch.randn(n, c, h, w, device=device).contiguous(memory_format=torch.channels_last)
+    elif layout == "channel_slice":
+        wide = torch.randn(n, c + 5, h, w, device=device).contiguous(memory_format=torch.channels_last)
+        base = wide[:, 2 : c + 2]
+    elif layout == "spatial_slice":
+        base = torch.randn(n, c, h + 3, w + 4, device=device)[:, :, 1 : h + 1, 3 : w + 3]
+    else:
+        raise ValueError(layout)
+    if dtype == torch.float32:
+        return base.mul_(scale)
+    # A dtype cast would make the result contiguous again; cast in place of a same-strided copy.
+    out = torch.empty_strided(base.shape, base.stride(), dtype=dtype, device=device)
+    return out.copy_(base * scale)
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Make every torch.empty* inside fill its memory with NaN, so unwritten outputs show.
+
+    PyTorch does this for floating tensors when deterministic algorithms are on and
+    torch.utils.deterministic.fill_uninitialized_memory is set; it also holds fastconv to its
+    promise of deterministic kernels.
+    """
+    import torch.utils.deterministic as deterministic
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        deterministic.fill_uninitialized_memory = was_filling
+
+
+def mismatch_report(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> str:
+    """Where and how many elements differ, NaN and inf disagreements included."""
+    actual64, expected64 = actual.detach().double().cpu(), expected.detach().double().cpu()
+    error = (actual64 - expected64).abs()
+    nan_disagree = actual64.isnan() ^ expected64.isnan()
+    inf_disagree = actual64.isinf() ^ expected64.isinf()
+    error = torch.where(nan_disagree | inf_disagree, torch.full_like(error, float("inf")), error.nan_to_num(0.0))
+    bad = error > tolerance
+    lines = [
+        f"{name}: {int(bad.sum())} of {error.numel()} elements off by more than {tolerance:.3g}",
+        f"  NaN disagreements: {int(nan_disagree.sum())}, inf disagreements: {int(inf_disagree.sum())}",
+    ]
+    if bad.any():
+        worst = int(error.flatten().argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), error.shape))
+        lines.append(
+            f"  worst at {index}: got {actual64[index].item():.8g}, expected {expected64[index].item():.8g}"
+        )
+        first = [tuple(int(i) for i in idx) for idx in bad.nonzero()[:5]]
+        lines.append(f"  first bad indices: {first}")
+    return "\n".join(lines)
+
+
+def assert_matches_reference(
+    name: str, actual: torch.Tensor, reference64: torch.Tensor, pytorch_lowp: torch.Tensor | None = None
+) -> None:
+    """The oracle: |actual - ref| <= 2 * |pytorch_lowp - ref| + slack, elementwise maximum.
+
+    `reference64` is computed in float64. `pytorch_lowp` is plain PyTorch's result in the
+    dtype under test; without it (float32 and float64) the slack alone is the tolerance.
+    """
+    assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
+    if actual.numel() == 0:
+        return
+    magnitude = max(1.0, reference64.detach().abs().max().item())
+    tolerance = _RELATIVE_SLACK[actual.dtype] * magnitude
+    if pytorch_lowp is not None:
+        tolerance += 2 * (pytorch_lowp.detach().double() - reference64.detach().double()).abs().max().item()
+    report = mismatch_report(name, actual, reference64, tolerance)
+    assert report.startswith(f"{name}: 0 of"), report
+
+
+def run_backend(backend: str, function: Callable, *args, **kwargs):
+    with fastconv.use_backend(backend):
+        return function(*args, **kwargs)
