@@ -1,0 +1,81 @@
+"""`python -m fastconv.demo` (what `make demo` runs).
+
+On a GPU it is the speed table: the benchmark suites against cuDNN and torch.compile. On a
+CPU it is a correctness demo: every op on every backend that can run here (the Triton kernels
+in Triton's interpreter) against the float64 PyTorch reference, one line per case.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # Let the Triton kernels run on CPU tensors; must precede their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastconv  # noqa: E402
+from fastconv import reference  # noqa: E402
+
+_LAYOUTS = {
+    "NCHW": lambda t: t,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+}
+# About two units in the last place of each dtype, relative to the output's magnitude.
+_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _bn_act_cases(device: torch.device):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for layout, arrange in _LAYOUTS.items():
+            for activation in ("relu6", "silu"):
+                x = arrange(torch.randn(2, 24, 9, 11, device=device) * 3).to(dtype)
+                scale = torch.randn(24, device=device) * 0.5 + 1
+                shift = torch.randn(24, device=device)
+                yield f"bn_act {activation}", dtype, layout, (x, scale, shift, activation)
+
+
+def correctness_demo() -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"fastconv {fastconv.__version__}, torch {torch.__version__}, device {device}")
+    runnable = []
+    for name, status in fastconv.backends.available().items():
+        print(f"  backend {name:7s} {'available' if status.available else 'unavailable: ' + status.reason}")
+        if status.available:
+            runnable.append(name)
+    print()
+    print(f"{'op':18s} {'backend':8s} {'dtype':9s} {'layout':14s} {'max error':>10s} {'allowed':>9s}  verdict")
+    failures = 0
+    for op, dtype, layout, args in _bn_act_cases(device):
+        x, scale, shift, activation = args
+        expected = reference.bn_act(x.double(), scale.double(), shift.double(), activation)
+        magnitude = max(1.0, expected.abs().max().item())
+        for backend in runnable:
+            with fastconv.use_backend(backend):
+                got = fastconv.bn_act(x, scale, shift, activation)
+            error = (got.double() - expected).abs().max().item() / magnitude
+            ok = error <= _TOLERANCE[dtype]
+            failures += not ok
+            print(
+                f"{op:18s} {backend:8s} {str(dtype)[6:]:9s} {layout:14s} {error:10.2e} {_TOLERANCE[dtype]:9.1e}  "
+                f"{'ok' if ok else 'FAIL'}"
+            )
+    print(f"\n{'all cases match' if not failures else f'{failures} cases FAILED'} (errors relative to max |reference|)")
+    return 1 if failures else 0
+
+
+def main() -> int:
+    if torch.cuda.is_available():
+        try:
+            from benchmarks.run import main as run_benchmarks
+        except ImportError:
+            print("benchmarks/ is not importable (run from the repository root); running the correctness demo")
+        else:
+            return run_benchmarks([])
+    return correctness_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
