@@ -100,3 +100,28 @@ def test_auto_times_once_and_caches_its_choice():
     choices = forward.auto_choices()
     assert len(choices) >= 1 and set(choices.values()) <= {"cuda", "triton", "torch"}
     torch.testing.assert_close(y, torch.nn.functional.relu6(x))
+
+
+def test_backward_runs_on_the_forward_backend_from_another_thread():
+    """Autograd runs CUDA backward passes on a worker thread that does not see use_backend();
+    the forward's choice must still hold there. Simulated here with a plain thread."""
+    import threading
+
+    x = torch.randn(1, 2, 3, 3, requires_grad=True)
+    with fastconv.use_backend("torch"):
+        y = fastconv.bn_act(x, torch.ones(2), torch.zeros(2), "relu")
+    seen = []
+    original = bn_act_module.BACKWARD._functions["torch"]
+
+    def spy(*args):
+        seen.append(fastconv.get_backend())
+        return original(*args)
+
+    bn_act_module.BACKWARD._functions["torch"] = spy
+    try:
+        worker = threading.Thread(target=lambda: y.sum().backward())
+        worker.start()
+        worker.join()
+    finally:
+        bn_act_module.BACKWARD._functions["torch"] = original
+    assert seen == ["torch"]

@@ -23,7 +23,7 @@ from fastconv._validation import (
     fail,
 )
 from fastconv.activations import activation_code
-from fastconv.backends import OpImplementations
+from fastconv.backends import OpImplementations, get_backend, use_backend
 
 _LAYOUT = "(N, C, H, W)"
 
@@ -133,11 +133,15 @@ def _setup_context(ctx, inputs, output) -> None:
     x, scale, shift, activation = inputs
     ctx.save_for_backward(x, scale, shift)
     ctx.activation = activation
+    # Autograd runs CUDA backward passes on its own worker thread, which does not see the
+    # caller's use_backend(): carry the forward's choice over explicitly.
+    ctx.backend = get_backend()
 
 
 def _backward(ctx, grad_y):
     x, scale, shift = ctx.saved_tensors
-    grad_x, grad_scale, grad_shift = torch.ops.fastconv.bn_act_backward(grad_y, x, scale, shift, ctx.activation)
+    with use_backend(ctx.backend):
+        grad_x, grad_scale, grad_shift = torch.ops.fastconv.bn_act_backward(grad_y, x, scale, shift, ctx.activation)
     wanted = ctx.needs_input_grad
     return (
         grad_x if wanted[0] else None,

@@ -1,0 +1,49 @@
+"""bn_act on arbitrary strided views, drawn by hypothesis: any memory order, offsets, steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastconv
+from fastconv.activations import ACTIVATION_CODES
+from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, run_backend
+
+
+@st.composite
+def strided_views(draw):
+    """A 4-D view of a larger buffer whose dims lie in any memory order, with steps and offsets."""
+    shape = [draw(st.integers(0 if i == 0 else 1, 6)) for i in range(4)]
+    order = draw(st.permutations(range(4)))  # memory order, outermost first
+    steps = [draw(st.sampled_from((1, 1, 2))) for _ in range(4)]
+    offsets = [draw(st.integers(0, 2)) for _ in range(4)]
+    buffer_shape = [offsets[d] + max(shape[d], 1) * steps[d] for d in order]
+    buffer = torch.randn(buffer_shape, device=DEVICE) * 3
+    view = buffer.permute([order.index(d) for d in range(4)])  # back to (N, C, H, W)
+    index = tuple(slice(offsets[d], offsets[d] + shape[d] * steps[d], steps[d]) for d in range(4))
+    return view[index]
+
+
+FUZZ_BACKENDS = [p for p in backends_under_test() if p.values[0] != "cuda" or torch.cuda.is_available()]
+
+
+@pytest.mark.parametrize("backend", FUZZ_BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(x=strided_views(), activation=st.sampled_from(list(ACTIVATION_CODES)), data=st.data())
+def test_any_strided_view_matches_float64(backend, x, activation, data):
+    channels = x.shape[1]
+    x = x.requires_grad_(True)
+    scale = (torch.randn(channels, device=DEVICE) + 1).requires_grad_(True)
+    shift = torch.randn(channels, device=DEVICE).requires_grad_(True)
+    with poisoned_allocations():
+        y = run_backend(backend, fastconv.bn_act, x, scale, shift, activation)
+        # The gradient arrives in a layout of its own: transposed storage, as after a permute.
+        grad_y = torch.randn(tuple(reversed(y.shape)), device=DEVICE).permute(3, 2, 1, 0)
+        grads = run_backend(backend, torch.autograd.grad, y, (x, scale, shift), grad_y)
+    x64, scale64, shift64 = (t.detach().double().requires_grad_(True) for t in (x, scale, shift))
+    y64 = fastconv.reference.bn_act(x64, scale64, shift64, activation)
+    assert_matches_reference("y", y, y64)
+    for name, got, want in zip(("grad_x", "grad_scale", "grad_shift"), grads, torch.autograd.grad(y64, (x64, scale64, shift64), grad_y.double())):
+        assert_matches_reference(name, got, want)
