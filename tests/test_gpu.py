@@ -37,7 +37,7 @@ def test_cuda_sanitizer_subset(backend, layout):
     y64 = fastconv.reference.bn_act(x64, s64, b64, "relu6")
     assert_matches_reference("y", y, y64, fastconv.reference.bn_act(x, scale, shift, "relu6"))
     for name, got, want in zip(("grad_x", "grad_scale", "grad_shift"), grads, torch.autograd.grad(y64.sum(), (x64, s64, b64))):
-        assert_matches_reference(name, got.double(), want)
+        assert_matches_reference(name, got, want)
 
 
 @pytest.mark.parametrize("layout", ("nchw", "channels_last"))
@@ -97,3 +97,27 @@ def test_compile_with_cuda_graphs():
     for _ in range(3):
         y = compiled(x)
     torch.testing.assert_close(y, fastconv.reference.bn_act(x, scale, shift, "hardswish"))
+
+
+@pytest.mark.skipif("triton" not in [p.values[0] for p in GPU_BACKENDS], reason="needs the triton backend")
+@pytest.mark.parametrize("kernel_name", ["_rows_forward", "_planes_forward", "_rows_backward", "_planes_backward"])
+def test_every_triton_config(kernel_name, monkeypatch):
+    """The suite runs one config per kernel (FASTCONV_TRITON_AUTOTUNE=0); the autotuner may pick
+    any of them on a GPU, so each must be right: force them one at a time."""
+    from fastconv.triton_kernels import bn_act as kernels
+
+    kernel = getattr(kernels, kernel_name)
+    layout = "channels_last" if kernel_name.startswith("_rows") else "nchw"
+    for config in list(kernels._ROWS_CONFIGS if kernel_name.startswith("_rows") else kernels._PLANES_CONFIGS):
+        monkeypatch.setattr(kernel, "configs", [config])
+        kernel.cache.clear()
+        for shape in ((3, 70, 9, 11), (2, 300, 5, 5)):
+            x, scale, shift = inputs(shape, torch.float16, layout, requires_grad=True)
+            y = run_backend("triton", fastconv.bn_act, x, scale, shift, "hardswish")
+            grads = run_backend("triton", torch.autograd.grad, y.float().sum(), (x, scale, shift))
+            x64, s64, b64 = (t.detach().double().requires_grad_() for t in (x, scale, shift))
+            y64 = fastconv.reference.bn_act(x64, s64, b64, "hardswish")
+            assert_matches_reference(f"y {config}", y, y64, fastconv.reference.bn_act(x, scale, shift, "hardswish"))
+            for name, got, want in zip(("grad_x", "grad_scale", "grad_shift"), grads, torch.autograd.grad(y64.sum(), (x64, s64, b64))):
+                assert_matches_reference(f"{name} {config}", got, want)
+    kernel.cache.clear()

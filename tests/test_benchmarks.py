@@ -1,0 +1,31 @@
+"""The benchmark harness runs end to end on the CPU and writes well-formed records."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.run import main
+
+REQUIRED_FIELDS = {
+    "suite", "case", "dtype", "layout", "mode", "backend", "ms", "baseline", "baseline_ms",
+    "speedup", "pct_of_floor", "gpu", "torch", "triton", "cuda", "cudnn", "commit", "date",
+}
+
+
+def test_quick_cpu_run_writes_records_summary_and_plot(tmp_path):
+    assert main(["bn_act", "--quick", "--backend", "auto", "--single-file", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "records.json").read_text())
+    bn_act = [r for r in records if r["suite"] == "bn_act"]
+    assert bn_act, "no bn_act records"
+    for record in bn_act:
+        missing = REQUIRED_FIELDS - set(record)
+        assert not missing, f"record lacks {sorted(missing)}: {record}"
+        assert record["gpu"] == "cpu" and record["check"] == "ok"
+        assert record["speedup"] == record["baseline_ms"] / record["ms"]
+        assert "gbps" in record or "tflops" in record
+    assert "CPU" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_unknown_suite_is_refused():
+    assert main(["no_such_suite"]) == 2
