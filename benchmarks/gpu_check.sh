@@ -122,9 +122,10 @@ for name, s in status.items():
     print(name.ljust(8), "available" if s.available else "UNAVAILABLE: " + s.reason)
 sys.exit(0 if all(s.available for s in status.values()) else 1)'
 
-# 3. The GPU tests. Exit 5 (nothing selected) is a failure here: no GPU test ran.
-step gpu-tests "$(limit 150 $R_TESTS)" "0" \
-    "$PY" -m pytest tests -q -m gpu -p no:cacheprovider -rfE --tb=short
+# 3. The whole test suite, on the GPU: every backend on CUDA tensors, plus the GPU-only tests.
+#    The Triton kernels compile once per specialisation here (no autotuning in tests).
+step gpu-tests "$(limit 200 $R_TESTS)" "0" \
+    "$PY" -m pytest tests -q -p no:cacheprovider -rfEs --tb=short
 
 # 4. compute-sanitizer on the small CUDA subset (tests named "sanitizer"). Exit 5 means
 #    none is selected yet: fine. PyTorch's caching allocator would hide out-of-bounds

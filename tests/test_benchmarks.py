@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from benchmarks.run import main
 
 REQUIRED_FIELDS = {
@@ -12,6 +15,7 @@ REQUIRED_FIELDS = {
 }
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run in gpu_check.sh's own step")
 def test_quick_cpu_run_writes_records_summary_and_plot(tmp_path):
     assert main(["bn_act", "--quick", "--backend", "auto", "--single-file", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "records.json").read_text())
