@@ -4,10 +4,10 @@ Every op is a PyTorch op in the `fastconv` namespace (`torch.ops.fastconv.*`) wi
 backends (cuda, triton, torch); see `fastconv.backends`.
 """
 
-from fastconv import backends, reference
+from fastconv import backends, nn, reference
 from fastconv.backends import get_backend, set_backend, use_backend
 from fastconv.ops import bn_act
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "bn_act", "get_backend", "reference", "set_backend", "use_backend"]
+__all__ = ["backends", "bn_act", "nn", "get_backend", "reference", "set_backend", "use_backend"]

@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules built on the fastconv ops; state_dicts match their torch.nn originals."""
+
+from fastconv.nn.batchnorm_act import BatchNormAct2d
+
+__all__ = ["BatchNormAct2d"]

@@ -1,0 +1,78 @@
+"""BatchNormAct2d: nn.BatchNorm2d followed by an activation, one fused pass in inference."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastconv.activations import activation_code, apply_activation
+from fastconv.ops.bn_act import bn_act
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: None}
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A drop-in for ``nn.Sequential(nn.BatchNorm2d(C), activation)``.
+
+    It *is* a BatchNorm2d: the same parameters, buffers and state_dict keys, so pretrained
+    BatchNorm weights load unchanged and tools that look for BatchNorm layers still find it.
+    In training mode (or without running statistics) it runs BatchNorm2d's own forward, with
+    its exact batch-statistics semantics, then the activation. In eval mode it folds the
+    running statistics into a per-channel scale and shift and runs `fastconv.bn_act`: one
+    read and one write of the activation instead of two of each.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: Optional[str] = "relu",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        activation_code(activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, act: Optional[nn.Module] = None) -> "BatchNormAct2d":
+        """Wrap an existing BatchNorm2d (and ReLU/ReLU6/SiLU/Hardswish/Identity), sharing its state."""
+        if act is not None and type(act) not in _ACTIVATION_MODULES:
+            names = ", ".join(m.__name__ for m in _ACTIVATION_MODULES)
+            raise ValueError(f"fastconv: act must be one of {names} or None; got {type(act).__name__}")
+        fused = cls(bn.num_features, _ACTIVATION_MODULES[type(act)] if act is not None else None, bn.eps, bn.momentum,
+                    bn.affine, bn.track_running_stats, device=torch.device("meta"))
+        # Share, not copy: the fused module and the original see the same tensors.
+        fused.weight, fused.bias = bn.weight, bn.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(fused, name, getattr(bn, name))
+        fused.train(bn.training)
+        return fused
+
+    def folded_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) with bn(x) == x * scale + shift under the running statistics.
+
+        Recomputed each call: it is a few C-element ops, and differentiable, so that eval-mode
+        fine-tuning of weight and bias still gets gradients.
+        """
+        scale = torch.rsqrt(self.running_var + self.eps)
+        shift = -self.running_mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.track_running_stats:
+            return apply_activation(super().forward(x), self.activation)
+        self._check_input_dim(x)
+        scale, shift = self.folded_scale_shift()
+        return bn_act(x, scale, shift, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
