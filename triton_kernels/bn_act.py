@@ -83,9 +83,10 @@ def _rows_forward(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     compute = tl.float64 if WIDE else tl.float32
-    pixels = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    block = tl.program_id(0)
     if INDEX_64:
-        pixels = pixels.to(tl.int64)
+        block = block.to(tl.int64)  # before the multiply, which would overflow in int32
+    pixels = block * BLOCK_R + tl.arange(0, BLOCK_R)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0).to(compute)
