@@ -15,7 +15,9 @@ $(INSTALLED): requirements.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	# Editable install of the Python package only; `build` compiles the extension once, in
+	# place and incrementally (pip would compile it in a throwaway directory every time).
+	FASTCONV_BUILD_CUDA=0 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(INSTALLED)
