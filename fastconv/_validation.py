@@ -60,12 +60,12 @@ def check_same_dtype(name: str, tensor: torch.Tensor, reference_name: str, refer
 
 
 def check_channel_vector(
-    tensor: Optional[torch.Tensor], name: str, channels: int, x: torch.Tensor, x_name: str = "x"
+    tensor: Optional[torch.Tensor], name: str, channels: int, x: torch.Tensor, per: str = "channel of x"
 ) -> None:
-    """A per-channel parameter: 1-D of length C, on x's device, in x's dtype or float32."""
+    """A per-channel parameter: 1-D of length `channels`, on x's device, in x's dtype or float32."""
     if tensor is None:
         return
-    check_same_device(name, tensor, x_name, x)
+    check_same_device(name, tensor, "x", x)
     if tensor.dim() != 1 or tensor.shape[0] != channels:
-        fail(f"{name} must have shape ({channels},), one value per channel of {x_name}; got {tuple(tensor.shape)}")
+        fail(f"{name} must have shape ({channels},), one value per {per}; got {tuple(tensor.shape)}")
     check_parameter_dtype(name, tensor, x.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fastconv.activations import activation_derivative, apply_activation
 
@@ -45,3 +46,40 @@ def bn_act_backward(
     grad_scale = (grad_z * x_wide).sum(dim=(0, 2, 3)).to(scale.dtype)
     grad_shift = grad_z.sum(dim=(0, 2, 3)).to(shift.dtype)
     return grad_x, grad_scale, grad_shift
+
+
+def conv_epilogue(
+    y: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    activation: Optional[str],
+) -> torch.Tensor:
+    """act(y * scale[c] + shift[c]) with either of scale, shift absent; computed as bn_act is."""
+    if scale is None and shift is None and activation is None:
+        return y
+    channels = y.shape[1]
+    dtype = _compute_dtype(y)
+    scale = scale if scale is not None else torch.ones(channels, dtype=dtype, device=y.device)
+    shift = shift if shift is not None else torch.zeros(channels, dtype=dtype, device=y.device)
+    return bn_act(y, scale, shift, activation)
+
+
+def depthwise_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, groups=C) with padding (top, left, bottom, right), then the
+    epilogue act(y * scale + shift). Asymmetric padding goes through F.pad (a copy)."""
+    top, left, bottom, right = padding
+    if (top, left) != (bottom, right):
+        x = F.pad(x, (left, right, top, bottom))
+        top = left = 0
+    y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups=x.shape[1])
+    return conv_epilogue(y, scale, shift, activation)
