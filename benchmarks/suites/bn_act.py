@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common import DTYPES, backends_to_run, short_error, time_call, tolerance
 from ..records import make_record
-from ..timing import Rotation, bench, rotation_count, synchronize
+from ..timing import Rotation, rotation_count, synchronize
 from . import Suite, register
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # MobileNetV2-style activations at batch 128/256: 58-308 M elements, i.e. 0.1-1.2 GB
 # per tensor, far past the 60 MB L2, so the kernels are memory-bound as intended.
@@ -108,29 +107,8 @@ def _max_err(fn, inputs, act, ref32):
     return (y.float() - ref32).abs().max().item()
 
 
-def _backends(ctx, fastconv):
-    """Requested backends that can run here; the rest go to ctx.notes once."""
-    avail = fastconv.backends.available()
-    run = []
-    for name in ctx.backends or DEFAULT_BACKENDS:
-        info = avail.get(name)
-        if name == "auto" or (info is not None and info.available):
-            run.append(name)
-        else:
-            note = f"bn_act: backend {name!r} skipped: {getattr(info, 'reason', 'unknown backend')}"
-            if note not in ctx.notes:
-                ctx.notes.append(note)
-    return run
-
-
-def _short(exc):
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-
-
 def _time(fn, rotation, case, ctx):
-    t = bench(_step(fn, rotation, case), ctx.device, ctx.quick)
-    synchronize(ctx.device)
-    return t
+    return time_call(_step(fn, rotation, case), ctx)
 
 
 def _run(case, ctx):
@@ -156,25 +134,22 @@ def _run(case, ctx):
             synchronize(ctx.device)
             baselines["torch.compile"] = (_time(compiled, rotation, case, ctx), None)
         except Exception as exc:  # record the failure; the other numbers still count
-            baselines["torch.compile"] = (None, _short(exc))
+            baselines["torch.compile"] = (None, short_error(exc))
 
-    # Error allowed: twice what eager makes in the same dtype (flash-attention's oracle,
-    # STYLE.md) plus a few ulps of the largest output, for fma and fast-exp differences.
-    # It flags wrong results, not ulps: the tests hold the kernels to the strict standard.
-    tol = 2 * eager_err + 8 * torch.finfo(DTYPES[case.dtype]).eps * max(1.0, ref32.abs().max().item())
+    tol = tolerance(eager_err, DTYPES[case.dtype], ref32.abs().max().item())
     bytes_moved = case.bytes_moved()
     floor = ctx.floor_ms(bytes_moved)
     common = dict(suite="bn_act", case=case.name, dtype=case.dtype, layout=case.layout,
                   mode=case.mode, activation=case.activation, bytes_moved=bytes_moved,
                   floor_ms=floor, input_sets=n_sets, eager_max_abs_err=eager_err)
     records = []
-    for name in _backends(ctx, fastconv):
+    for name in backends_to_run(ctx, "bn_act", DEFAULT_BACKENDS):
         with fastconv.use_backend(name):
             try:
                 err = _max_err(fastconv.bn_act, first, case.activation, ref32)
                 t, error = _time(fastconv.bn_act, rotation, case, ctx), None
             except Exception as exc:
-                t, err, error = None, None, _short(exc)
+                t, err, error = None, None, short_error(exc)
         for bl_name, (bl_t, bl_error) in baselines.items():
             extra = {}
             if error:
