@@ -16,12 +16,13 @@ REQUIRED_FIELDS = {
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run in gpu_check.sh's own step")
-def test_quick_cpu_run_writes_records_summary_and_plot(tmp_path):
-    assert main(["bn_act", "--quick", "--backend", "auto", "--single-file", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("suite", ["bn_act", "depthwise"])
+def test_quick_cpu_run_writes_records_summary_and_plot(tmp_path, suite):
+    assert main([suite, "--quick", "--backend", "auto", "--single-file", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "records.json").read_text())
-    bn_act = [r for r in records if r["suite"] == "bn_act"]
-    assert bn_act, "no bn_act records"
-    for record in bn_act:
+    ours = [r for r in records if r["suite"] == suite]
+    assert ours, f"no {suite} records"
+    for record in ours:
         missing = REQUIRED_FIELDS - set(record)
         assert not missing, f"record lacks {sorted(missing)}: {record}"
         assert record["gpu"] == "cpu" and record["check"] == "ok"
