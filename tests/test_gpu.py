@@ -6,6 +6,8 @@ compute-sanitizer's memcheck and racecheck, so those are kept small.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -99,25 +101,128 @@ def test_compile_with_cuda_graphs():
     torch.testing.assert_close(y, fastconv.reference.bn_act(x, scale, shift, "hardswish"))
 
 
-@pytest.mark.skipif("triton" not in [p.values[0] for p in GPU_BACKENDS], reason="needs the triton backend")
-@pytest.mark.parametrize("kernel_name", ["_rows_forward", "_planes_forward", "_rows_backward", "_planes_backward"])
-def test_every_triton_config(kernel_name, monkeypatch):
-    """The suite runs one config per kernel (FASTCONV_TRITON_AUTOTUNE=0); the autotuner may pick
-    any of them on a GPU, so each must be right: force them one at a time."""
-    from fastconv.triton_kernels import bn_act as kernels
+def triton_kernels_of(module_name):
+    """Every autotuned kernel of a fastconv.triton_kernels module, by name."""
+    module = importlib.import_module(f"fastconv.triton_kernels.{module_name}")
+    return [(name, kernel) for name, kernel in vars(module).items() if hasattr(kernel, "all_configs")]
 
-    kernel = getattr(kernels, kernel_name)
-    layout = "channels_last" if kernel_name.startswith("_rows") else "nchw"
-    for config in list(kernels._ROWS_CONFIGS if kernel_name.startswith("_rows") else kernels._PLANES_CONFIGS):
-        monkeypatch.setattr(kernel, "configs", [config])
-        kernel.cache.clear()
+
+def bn_act_workload():
+    for layout in ("channels_last", "nchw"):
         for shape in ((3, 70, 9, 11), (2, 300, 5, 5)):
             x, scale, shift = inputs(shape, torch.float16, layout, requires_grad=True)
             y = run_backend("triton", fastconv.bn_act, x, scale, shift, "hardswish")
             grads = run_backend("triton", torch.autograd.grad, y.float().sum(), (x, scale, shift))
             x64, s64, b64 = (t.detach().double().requires_grad_() for t in (x, scale, shift))
             y64 = fastconv.reference.bn_act(x64, s64, b64, "hardswish")
-            assert_matches_reference(f"y {config}", y, y64, fastconv.reference.bn_act(x, scale, shift, "hardswish"))
+            assert_matches_reference("y", y, y64, fastconv.reference.bn_act(x, scale, shift, "hardswish"))
             for name, got, want in zip(("grad_x", "grad_scale", "grad_shift"), grads, torch.autograd.grad(y64.sum(), (x64, s64, b64))):
-                assert_matches_reference(f"{name} {config}", got, want)
-    kernel.cache.clear()
+                assert_matches_reference(name, got, want)
+
+
+def depthwise_workload():
+    for layout in ("channels_last", "nchw"):
+        for shape, kernel, stride, multiplier in (((2, 72, 13, 11), 3, 2, 1), ((1, 40, 9, 9), 5, 1, 2)):
+            x = random_tensor(shape, torch.float16, layout).requires_grad_()
+            channels = shape[1] * multiplier
+            weight = (torch.randn(channels, 1, kernel, kernel, device="cuda") / kernel).half().requires_grad_()
+            scale = (torch.randn(channels, device="cuda") * 0.5 + 1).requires_grad_()
+            shift = torch.randn(channels, device="cuda").requires_grad_()
+            args = (stride, kernel // 2)
+            y = run_backend("triton", fastconv.depthwise_conv2d, x, weight, None, *args, scale=scale, shift=shift, activation="relu6")
+            grads = run_backend("triton", torch.autograd.grad, y.float().sum(), (x, weight, scale, shift))
+            wide = [t.detach().double().requires_grad_() for t in (x, weight, scale, shift)]
+            y64 = fastconv.reference.depthwise_conv2d(
+                wide[0], wide[1], None, (stride, stride), (kernel // 2,) * 4, (1, 1), wide[2], wide[3], "relu6"
+            )
+            assert_matches_reference("y", y, y64, fastconv.reference.depthwise_conv2d(
+                x, weight, None, (stride, stride), (kernel // 2,) * 4, (1, 1), scale, shift, "relu6"))
+            for name, got, want in zip(("grad_x", "grad_weight", "grad_scale", "grad_shift"), grads, torch.autograd.grad(y64.sum(), wide)):
+                assert_matches_reference(name, got, want)
+
+
+WORKLOADS = {"bn_act": bn_act_workload, "depthwise": depthwise_workload}
+
+
+@pytest.mark.skipif("triton" not in [p.values[0] for p in GPU_BACKENDS], reason="needs the triton backend")
+@pytest.mark.parametrize("module_name", list(WORKLOADS))
+def test_every_triton_config(module_name, monkeypatch):
+    """The suite runs one config per kernel (FASTCONV_TRITON_AUTOTUNE=0); the autotuner may pick
+    any of them on a GPU, so each must be right: force them one at a time."""
+    for name, kernel in triton_kernels_of(module_name):
+        for config in kernel.all_configs:
+            monkeypatch.setattr(kernel, "configs", [config])
+            kernel.cache.clear()
+            try:
+                WORKLOADS[module_name]()
+            except AssertionError as error:
+                raise AssertionError(f"{module_name}.{name} with {config}: {error}") from error
+        monkeypatch.undo()
+        kernel.cache.clear()
+
+
+def depthwise_inputs(shape, kernel, layout, multiplier=1, requires_grad=False):
+    x = random_tensor(shape, torch.float16, layout).requires_grad_(requires_grad)
+    channels = shape[1] * multiplier
+    weight = (torch.randn(channels, 1, kernel, kernel, device="cuda") / kernel).half().requires_grad_(requires_grad)
+    bias = torch.randn(channels, device="cuda").half().requires_grad_(requires_grad)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("case", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 2, 1), (4, 1, 1)], ids=lambda c: f"k{c[0]}s{c[1]}m{c[2]}")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_depthwise_sanitizer_subset(backend, layout, case):
+    """Small depthwise forward and backward calls on every layout, for memcheck and racecheck."""
+    kernel, stride, multiplier = case
+    x, weight, bias = depthwise_inputs((2, 24, 11, 9), kernel, layout, multiplier, requires_grad=True)
+    padding = kernel // 2
+    y = run_backend(backend, fastconv.depthwise_conv2d, x, weight, bias, stride, padding, activation="silu")
+    grads = run_backend(backend, torch.autograd.grad, y.float().sum(), (x, weight, bias))
+    torch.cuda.synchronize()
+    wide = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    geometry = ((stride, stride), (padding,) * 4, (1, 1))
+    y64 = fastconv.reference.depthwise_conv2d(*wide, *geometry, None, None, "silu")
+    assert_matches_reference("y", y, y64, fastconv.reference.depthwise_conv2d(x, weight, bias, *geometry, None, None, "silu"))
+    for name, got, want in zip(("grad_x", "grad_weight", "grad_bias"), grads, torch.autograd.grad(y64.sum(), wide)):
+        assert_matches_reference(name, got, want)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_depthwise_weight_gradient_is_bitwise_deterministic(backend, layout):
+    x, weight, _ = depthwise_inputs((32, 96, 28, 28), 3, layout)
+    grad_c = random_tensor((32, 96, 28, 28), torch.float16, layout)
+    args = (grad_c, x, weight, (1, 1), (1, 1, 1, 1), (1, 1))
+    first = run_backend(backend, torch.ops.fastconv.depthwise_conv2d_backward_weight, *args)
+    for _ in range(3):
+        again = run_backend(backend, torch.ops.fastconv.depthwise_conv2d_backward_weight, *args)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["auto"])
+def test_depthwise_cuda_graph_capture_and_replay(backend):
+    x, weight, bias = depthwise_inputs((8, 32, 14, 14), 3, "channels_last")
+    with fastconv.use_backend(backend):
+        fastconv.depthwise_conv2d(x, weight, bias, 1, 1, activation="relu6")
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = fastconv.depthwise_conv2d(x, weight, bias, 1, 1, activation="relu6")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = fastconv.reference.depthwise_conv2d(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), None, None, "relu6")
+    torch.testing.assert_close(y, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_depthwise_past_two_to_the_31_elements(backend):
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip(f"needs 40 GiB of free device memory; {free / 2**30:.1f} GiB free")
+    x, weight, bias = depthwise_inputs((2, 32, 5800, 5800), 3, "channels_last")
+    y = run_backend(backend, fastconv.depthwise_conv2d, x, weight, bias, 1, 1)
+    # Output rows 5790..5798 of the last image read input rows 5789..5799: a valid conv there.
+    expected = torch.nn.functional.conv2d(x[1:, :, 5789:].float(), weight.float(), bias.float(), 1, (0, 1), groups=32)
+    torch.testing.assert_close(y[1:, :, 5790:5799].float(), expected, atol=2e-2, rtol=2e-2)
