@@ -11,6 +11,15 @@ TORCH_LIBRARY(fastconv_cuda, m) {
   m.def(
       "bn_act_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, int activation)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "depthwise_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
+      " int[2] dilation, Tensor? scale, Tensor? shift, int activation) -> Tensor");
+  m.def(
+      "depthwise_backward_input(Tensor grad_c, Tensor x, Tensor weight, int[2] stride,"
+      " int[4] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "depthwise_backward_weight(Tensor grad_c, Tensor x, Tensor weight, int[2] stride,"
+      " int[4] padding, int[2] dilation) -> (Tensor, Tensor)");
 }
 
 // An empty module: enough for `import fastconv._C` to load the library.
