@@ -1,0 +1,760 @@
+"""Depthwise 2-D convolution in Triton: fused forward (bias, scale/shift, activation), and the
+two backward passes (input; weight and bias).
+
+A depthwise conv does KH*KW multiply-adds per output element and has no reduction over
+channels, so it is memory-bound and a matrix-multiply formulation (tl.dot with K = 1) only
+wastes the tensor cores: every kernel here loops directly over the KHxKW window, loading one
+vector per tap, and KH, KW, stride and dilation are compile-time constants so that the common
+3x3, 5x5 and 7x7 windows at stride 1 or 2 unroll completely. Padding stays a runtime value
+(it may be asymmetric, as padding="same" needs for even kernels).
+
+The layout picks the tile, as in bn_act.py:
+
+* "rows" kernels serve tensors whose channels are innermost (channels_last, and channel slices
+  of a channels_last buffer): a program owns BLOCK_P output pixels x BLOCK_C channels, so each
+  tap reads contiguous channel vectors of x, and loads its BLOCK_C weights once.
+* "planes" kernels serve everything else (NCHW, spatial crops): a program owns BLOCK_PL whole
+  (n, channel) planes x BLOCK_S pixels of each, numbered flat within the plane, and reads one
+  weight per plane and tap. Several planes per program keep small late-stage planes (7x7)
+  from leaving most lanes idle.
+
+Every kernel takes every tensor's full strides, so either family is correct for any layout
+(the choice is only about speed), and no input is ever copied to make it contiguous.
+
+Output channel oc reads input channel oc // M (depth multiplier M). The backward input pass
+is a gather (each input pixel sums over the taps whose output position is integral and in
+range), so it needs no atomics. The backward weight pass is deterministic: each program sums
+a fixed share of the pixels for a block of channels and a block of taps into its own slot of
+a partials buffer, and the host sums the partials in a fixed order. No float atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastconv.triton_kernels._tuning import autotune, interpreting, parallel_programs
+from fastconv.triton_kernels.activations import apply_activation
+
+# Largest grid along axes 1 and 2 that CUDA allows.
+_MAX_GRID_Y = 65535
+# Windows with more taps than this walk their rows in a run-time loop (each row's taps still
+# unrolled): LLVM's time to compile grows faster than linearly with the unrolled loads, and a
+# fully unrolled 5x5 window on a tile of scalar (unvectorised) loads takes 30 s to compile.
+_MAX_UNROLLED_TAPS = 16
+# The backward weight pass vectorises over up to this many taps at once (a 3x3 window in one
+# block, 5x5 in two, 7x7 in four); more would cost registers without saving memory traffic.
+_MAX_TAP_BLOCK = 16
+
+def _configs(interpreter: triton.Config, device: list[triton.Config]) -> list[triton.Config]:
+    """The configs to tune over; the first is the one the interpreter (or a run without
+    autotuning) uses.
+
+    The interpreter costs per program, not per element, so it gets one large tile that keeps
+    CPU test grids to a few programs. On a GPU that tile would hold many elements per thread
+    and, times the unrolled taps, take LLVM minutes to compile, so there the first config is
+    a moderate one: FASTCONV_TRITON_AUTOTUNE=0 runs only it.
+    """
+    return [interpreter] + device if interpreting() else device
+
+
+_ROWS_CONFIGS = _configs(
+    # (BLOCK_P output pixels, BLOCK_C channels)
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4),
+    [
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),
+        triton.Config({"BLOCK_P": 8, "BLOCK_C": 128}, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=8),
+        triton.Config({"BLOCK_P": 128, "BLOCK_C": 8}, num_warps=4),
+    ],
+)
+_PLANES_CONFIGS = _configs(
+    # (BLOCK_PL planes, BLOCK_S pixels per plane); small planes want several per program.
+    triton.Config({"BLOCK_PL": 16, "BLOCK_S": 256}, num_warps=4),
+    [
+        triton.Config({"BLOCK_PL": 4, "BLOCK_S": 128}, num_warps=4),
+        triton.Config({"BLOCK_PL": 1, "BLOCK_S": 256}, num_warps=4),
+        triton.Config({"BLOCK_PL": 1, "BLOCK_S": 512}, num_warps=4),
+        triton.Config({"BLOCK_PL": 1, "BLOCK_S": 1024}, num_warps=8),
+        triton.Config({"BLOCK_PL": 2, "BLOCK_S": 256}, num_warps=4),
+        triton.Config({"BLOCK_PL": 4, "BLOCK_S": 64}, num_warps=4),
+        triton.Config({"BLOCK_PL": 8, "BLOCK_S": 64}, num_warps=4),
+        triton.Config({"BLOCK_PL": 16, "BLOCK_S": 16}, num_warps=4),
+    ],
+)
+# The backward weight tiles are 3-D ([pixels, taps, channels]), so they are smaller per axis.
+_ROWS_WEIGHT_CONFIGS = _configs(
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
+    [
+        triton.Config({"BLOCK_P": 8, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32}, num_warps=8),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=8),
+        triton.Config({"BLOCK_P": 8, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=8),
+        triton.Config({"BLOCK_P": 4, "BLOCK_C": 128}, num_warps=4),
+    ],
+)
+_PLANES_WEIGHT_CONFIGS = _configs(
+    # (BLOCK_C channels, BLOCK_S pixels per plane)
+    triton.Config({"BLOCK_C": 8, "BLOCK_S": 256}, num_warps=4),
+    [
+        triton.Config({"BLOCK_C": 2, "BLOCK_S": 64}, num_warps=4),
+        triton.Config({"BLOCK_C": 1, "BLOCK_S": 256}, num_warps=4),
+        triton.Config({"BLOCK_C": 1, "BLOCK_S": 512}, num_warps=8),
+        triton.Config({"BLOCK_C": 2, "BLOCK_S": 128}, num_warps=4),
+        triton.Config({"BLOCK_C": 4, "BLOCK_S": 64}, num_warps=4),
+        triton.Config({"BLOCK_C": 8, "BLOCK_S": 32}, num_warps=4),
+    ],
+)
+# The smallest block of each reduction axis over all configs: sizes the partials buffer,
+# which must exist before the autotuner picks a config.
+_SMALLEST_WEIGHT_BLOCK_P = 4
+_SMALLEST_WEIGHT_BLOCK_S = 32
+
+_GEOMETRY_KEY = ["KH", "KW", "SH", "SW", "DH", "DW"]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+@triton.jit
+def _split_pixels(pixels, Ho, Wo):
+    """(n, oh, ow) of flat pixel numbers (n*Ho + oh)*Wo + ow."""
+    ow = pixels % Wo
+    rest = pixels // Wo
+    return rest // Ho, rest % Ho, ow
+
+
+@triton.jit
+def _epilogue(acc, channels, channel_mask, bias_ptr, scale_ptr, shift_ptr,
+              CHANNEL_AXIS: tl.constexpr,  # axis of acc that runs over channels (0 or 1)
+              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              ACTIVATION: tl.constexpr, WIDE: tl.constexpr):
+    """act(((acc + bias) * scale) + shift) per channel; an absent vector costs nothing."""
+    compute = tl.float64 if WIDE else tl.float32
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(compute)
+        if CHANNEL_AXIS == 0:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0).to(compute)
+        if CHANNEL_AXIS == 0:
+            acc = acc * scale[:, None]
+        else:
+            acc = acc * scale[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0).to(compute)
+        if CHANNEL_AXIS == 0:
+            acc += shift[:, None]
+        else:
+            acc += shift[None, :]
+    return apply_activation(acc, ACTIVATION)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: y = act(((conv(x, w) + bias) * scale) + shift).
+
+
+@triton.jit
+def _rows_forward_row(acc, x_ptr, w_ptr, a, x_pixel, ih0, iw0, pixel_mask, x_channel, channels,
+                      channel_mask, H, W, x_sh, x_sw, w_sc, w_sh, w_sw,
+                      KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, WIDE: tl.constexpr):
+    """acc[p, c] += x[n, c // M, ih, iw] * w[c, a, b] over the taps b of window row a."""
+    compute = tl.float64 if WIDE else tl.float32
+    ih = ih0 + a * DH
+    row_inside = pixel_mask & (ih >= 0) & (ih < H)
+    x_row = x_pixel + ih * x_sh
+    w_row = w_ptr + channels * w_sc + a * w_sh
+    for b in tl.static_range(KW):
+        iw = iw0 + b * DW
+        inside = row_inside & (iw >= 0) & (iw < W)  # zero padding outside the image
+        weight = tl.load(w_row + b * w_sw, mask=channel_mask, other=0.0)
+        offsets = (x_row + iw * x_sw)[:, None] + x_channel[None, :]
+        x = tl.load(x_ptr + offsets, mask=inside[:, None] & channel_mask[None, :], other=0.0)
+        acc += x.to(compute) * weight.to(compute)[None, :]
+    return acc
+
+
+@autotune(configs=_ROWS_CONFIGS, key=["R", "CM", "M", "H", "W", "ACTIVATION"] + _GEOMETRY_KEY)
+@triton.jit
+def _rows_forward(
+    x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr,  # absent vectors get a dummy pointer
+    R, CM, M,  # R = N*Ho*Wo output pixels; CM = C*M output channels; M depth multiplier
+    H, W, Ho, Wo,  # input and output spatial sizes
+    pad_top, pad_left,  # the bottom and right padding only shape Ho and Wo
+    x_sn, x_sc, x_sh, x_sw,  # strides of x (x_sc is 1 on the layouts this kernel is for)
+    w_sc, w_sh, w_sw,  # strides of weight over output channel, tap row, tap column
+    y_sn, y_sc, y_sh, y_sw,  # strides of y
+    KH: tl.constexpr, KW: tl.constexpr,  # window
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,  # stride, dilation
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # code from fastconv.activations
+    UNROLL: tl.constexpr,  # unroll the loop over window rows too, not only each row's taps
+    INDEX_64: tl.constexpr,  # some offset may exceed 2**31
+    WIDE: tl.constexpr,  # accumulate in float64 (float64 inputs) instead of float32
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    compute = tl.float64 if WIDE else tl.float32
+    block = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INDEX_64:
+        block = block.to(tl.int64)  # before the multiply, which would overflow in int32
+        channels = channels.to(tl.int64)
+    pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_mask = pixels < R
+    channel_mask = channels < CM
+    n, oh, ow = _split_pixels(pixels, Ho, Wo)
+    # Top-left corner of each output pixel's window in the (unpadded) input.
+    ih0 = oh * SH - pad_top
+    iw0 = ow * SW - pad_left
+    x_pixel = n * x_sn
+    x_channel = (channels // M) * x_sc
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=compute)
+    if UNROLL:
+        for a in tl.static_range(KH):
+            acc = _rows_forward_row(acc, x_ptr, w_ptr, a, x_pixel, ih0, iw0, pixel_mask, x_channel, channels,
+                                    channel_mask, H, W, x_sh, x_sw, w_sc, w_sh, w_sw, KW, DH, DW, WIDE)
+    else:
+        for a in range(KH):
+            acc = _rows_forward_row(acc, x_ptr, w_ptr, a, x_pixel, ih0, iw0, pixel_mask, x_channel, channels,
+                                    channel_mask, H, W, x_sh, x_sw, w_sc, w_sh, w_sw, KW, DH, DW, WIDE)
+    y = _epilogue(acc, channels, channel_mask, bias_ptr, scale_ptr, shift_ptr, 1,
+                  HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, WIDE)
+    y_offsets = (n * y_sn + oh * y_sh + ow * y_sw)[:, None] + (channels * y_sc)[None, :]
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=pixel_mask[:, None] & channel_mask[None, :])
+
+
+@triton.jit
+def _planes_forward_row(acc, x_ptr, w_ptr, a, x_plane, ih0, iw0, spatial_mask, planes_ch, plane_mask,
+                        H, W, x_sh, x_sw, w_sc, w_sh, w_sw,
+                        KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, WIDE: tl.constexpr):
+    """acc[q, s] += x[plane q, ih, iw] * w[channel of q, a, b] over the taps b of row a."""
+    compute = tl.float64 if WIDE else tl.float32
+    ih = ih0 + a * DH
+    row_inside = spatial_mask & (ih >= 0) & (ih < H)
+    x_row = ih * x_sh
+    w_row = w_ptr + planes_ch * w_sc + a * w_sh
+    for b in tl.static_range(KW):
+        iw = iw0 + b * DW
+        inside = row_inside & (iw >= 0) & (iw < W)
+        weight = tl.load(w_row + b * w_sw, mask=plane_mask, other=0.0)
+        offsets = x_plane[:, None] + (x_row + iw * x_sw)[None, :]
+        x = tl.load(x_ptr + offsets, mask=plane_mask[:, None] & inside[None, :], other=0.0)
+        acc += x.to(compute) * weight.to(compute)[:, None]
+    return acc
+
+
+@autotune(configs=_PLANES_CONFIGS, key=["NCM", "CM", "M", "H", "W", "HWo", "ACTIVATION"] + _GEOMETRY_KEY)
+@triton.jit
+def _planes_forward(
+    x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr,
+    NCM, CM, M,  # NCM = N*C*M output planes, numbered n*CM + oc
+    H, W, HWo, Wo,  # input size; output pixels per plane and output width
+    pad_top, pad_left,
+    x_sn, x_sc, x_sh, x_sw, w_sc, w_sh, w_sw, y_sn, y_sc, y_sh, y_sw,  # as in _rows_forward
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
+    UNROLL: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_PL: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    compute = tl.float64 if WIDE else tl.float32
+    planes = tl.program_id(0) * BLOCK_PL + tl.arange(0, BLOCK_PL)
+    if INDEX_64:
+        planes = planes.to(tl.int64)
+    plane_mask = planes < NCM
+    n = planes // CM
+    channels = planes % CM
+    x_plane = n * x_sn + (channels // M) * x_sc
+    y_plane = n * y_sn + channels * y_sc
+    # Axis 1 is capped at 65535 programs, so a program walks every num_programs(1)-th block.
+    for start in range(tl.program_id(1) * BLOCK_S, HWo, tl.num_programs(1) * BLOCK_S):
+        spatial = start + tl.arange(0, BLOCK_S)
+        if INDEX_64:
+            spatial = spatial.to(tl.int64)  # so that ih * x_sh is computed in 64 bits
+        spatial_mask = spatial < HWo
+        oh = spatial // Wo
+        ow = spatial % Wo
+        ih0 = oh * SH - pad_top
+        iw0 = ow * SW - pad_left
+        acc = tl.zeros([BLOCK_PL, BLOCK_S], dtype=compute)
+        if UNROLL:
+            for a in tl.static_range(KH):
+                acc = _planes_forward_row(acc, x_ptr, w_ptr, a, x_plane, ih0, iw0, spatial_mask, channels,
+                                          plane_mask, H, W, x_sh, x_sw, w_sc, w_sh, w_sw, KW, DH, DW, WIDE)
+        else:
+            for a in range(KH):
+                acc = _planes_forward_row(acc, x_ptr, w_ptr, a, x_plane, ih0, iw0, spatial_mask, channels,
+                                          plane_mask, H, W, x_sh, x_sw, w_sc, w_sh, w_sw, KW, DH, DW, WIDE)
+        y = _epilogue(acc, channels, plane_mask, bias_ptr, scale_ptr, shift_ptr, 0,
+                      HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, WIDE)
+        y_offsets = y_plane[:, None] + (oh * y_sh + ow * y_sw)[None, :]
+        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=plane_mask[:, None] & spatial_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward input: grad_x[n, c, h, w] = sum over r < M and taps (a, b) of
+# grad_c[n, c*M + r, oh, ow] * w[c*M + r, a, b], where oh*SH = h + pad_top - a*DH (and the
+# same for ow) has an integral solution inside the output. A gather: no two programs write
+# the same element.
+
+
+@triton.jit
+def _source(t, S: tl.constexpr, So):
+    """(o, valid): the output index o with o*S == t, and whether it exists in [0, So)."""
+    o = t // S
+    valid = (t >= 0) & (o < So)
+    if S > 1:
+        valid = valid & (t % S == 0)  # only every S-th input position is a window corner
+    return o, valid
+
+
+@triton.jit
+def _rows_input_row(acc, g_ptr, w_ptr, a, g_pixel, th0, tw0, pixel_mask, g_channel, out_channels,
+                    channel_mask, Ho, Wo, g_sh, g_sw, w_sc, w_sh, w_sw,
+                    KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                    WIDE: tl.constexpr):
+    """acc[p, c] += grad_c[n, oc, oh, ow] * w[oc, a, b] over the taps b of window row a."""
+    compute = tl.float64 if WIDE else tl.float32
+    oh, valid_h = _source(th0 - a * DH, SH, Ho)
+    row_valid = pixel_mask & valid_h
+    g_row = g_pixel + oh * g_sh
+    w_row = w_ptr + out_channels * w_sc + a * w_sh
+    for b in tl.static_range(KW):
+        ow, valid_w = _source(tw0 - b * DW, SW, Wo)
+        valid = row_valid & valid_w
+        weight = tl.load(w_row + b * w_sw, mask=channel_mask, other=0.0)
+        offsets = (g_row + ow * g_sw)[:, None] + g_channel[None, :]
+        g = tl.load(g_ptr + offsets, mask=valid[:, None] & channel_mask[None, :], other=0.0)
+        acc += g.to(compute) * weight.to(compute)[None, :]
+    return acc
+
+
+@autotune(configs=_ROWS_CONFIGS, key=["R", "C", "M", "H", "W"] + _GEOMETRY_KEY)
+@triton.jit
+def _rows_backward_input(
+    g_ptr, w_ptr, gx_ptr,
+    R, C, M,  # R = N*H*W input pixels; C input channels; M depth multiplier
+    H, W, Ho, Wo,
+    pad_top, pad_left,
+    g_sn, g_sc, g_sh, g_sw,  # strides of grad_c (any)
+    w_sc, w_sh, w_sw,  # strides of weight over output channel, tap row, tap column
+    gx_sn, gx_sc, gx_sh, gx_sw,  # strides of grad_x
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    UNROLL: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    compute = tl.float64 if WIDE else tl.float32
+    block = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INDEX_64:
+        block = block.to(tl.int64)
+        channels = channels.to(tl.int64)
+    pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_mask = pixels < R
+    channel_mask = channels < C
+    n, h, w = _split_pixels(pixels, H, W)
+    # Tap (a, b) reads input (h, w) from the output pixel whose window corner is
+    # (h + pad_top - a*DH, w + pad_left - b*DW).
+    th0 = h + pad_top
+    tw0 = w + pad_left
+    g_pixel = n * g_sn
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=compute)
+    for r in range(M):  # the M output channels fed by each input channel
+        out_channels = channels * M + r
+        g_channel = out_channels * g_sc
+        if UNROLL:
+            for a in tl.static_range(KH):
+                acc = _rows_input_row(acc, g_ptr, w_ptr, a, g_pixel, th0, tw0, pixel_mask, g_channel, out_channels,
+                                      channel_mask, Ho, Wo, g_sh, g_sw, w_sc, w_sh, w_sw, KW, SH, SW, DH, DW, WIDE)
+        else:
+            for a in range(KH):
+                acc = _rows_input_row(acc, g_ptr, w_ptr, a, g_pixel, th0, tw0, pixel_mask, g_channel, out_channels,
+                                      channel_mask, Ho, Wo, g_sh, g_sw, w_sc, w_sh, w_sw, KW, SH, SW, DH, DW, WIDE)
+    gx_offsets = (n * gx_sn + h * gx_sh + w * gx_sw)[:, None] + (channels * gx_sc)[None, :]
+    tl.store(gx_ptr + gx_offsets, acc.to(gx_ptr.dtype.element_ty), mask=pixel_mask[:, None] & channel_mask[None, :])
+
+
+@triton.jit
+def _planes_input_row(acc, g_ptr, w_ptr, a, g_plane, th0, tw0, spatial_mask, out_channels, plane_mask,
+                      Ho, Wo, g_sh, g_sw, w_sc, w_sh, w_sw,
+                      KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                      WIDE: tl.constexpr):
+    """acc[q, s] += grad_c[plane of q's oc, oh, ow] * w[oc, a, b] over the taps b of row a."""
+    compute = tl.float64 if WIDE else tl.float32
+    oh, valid_h = _source(th0 - a * DH, SH, Ho)
+    row_valid = spatial_mask & valid_h
+    g_row = oh * g_sh
+    w_row = w_ptr + out_channels * w_sc + a * w_sh
+    for b in tl.static_range(KW):
+        ow, valid_w = _source(tw0 - b * DW, SW, Wo)
+        valid = row_valid & valid_w
+        weight = tl.load(w_row + b * w_sw, mask=plane_mask, other=0.0)
+        offsets = g_plane[:, None] + (g_row + ow * g_sw)[None, :]
+        g = tl.load(g_ptr + offsets, mask=plane_mask[:, None] & valid[None, :], other=0.0)
+        acc += g.to(compute) * weight.to(compute)[:, None]
+    return acc
+
+
+@autotune(configs=_PLANES_CONFIGS, key=["NC", "C", "M", "HW", "W", "Ho", "Wo"] + _GEOMETRY_KEY)
+@triton.jit
+def _planes_backward_input(
+    g_ptr, w_ptr, gx_ptr,
+    NC, C, M,  # NC = N*C input planes, numbered n*C + c
+    HW, W, Ho, Wo,  # input pixels per plane and input width; output size
+    pad_top, pad_left,
+    g_sn, g_sc, g_sh, g_sw, w_sc, w_sh, w_sw, gx_sn, gx_sc, gx_sh, gx_sw,  # as in _rows_backward_input
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    UNROLL: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_PL: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    compute = tl.float64 if WIDE else tl.float32
+    planes = tl.program_id(0) * BLOCK_PL + tl.arange(0, BLOCK_PL)
+    if INDEX_64:
+        planes = planes.to(tl.int64)
+    plane_mask = planes < NC
+    n = planes // C
+    channels = planes % C
+    gx_plane = n * gx_sn + channels * gx_sc
+    for start in range(tl.program_id(1) * BLOCK_S, HW, tl.num_programs(1) * BLOCK_S):
+        spatial = start + tl.arange(0, BLOCK_S)
+        if INDEX_64:
+            spatial = spatial.to(tl.int64)
+        spatial_mask = spatial < HW
+        h = spatial // W
+        w = spatial % W
+        th0 = h + pad_top
+        tw0 = w + pad_left
+        acc = tl.zeros([BLOCK_PL, BLOCK_S], dtype=compute)
+        for r in range(M):
+            out_channels = channels * M + r
+            g_plane = n * g_sn + out_channels * g_sc
+            if UNROLL:
+                for a in tl.static_range(KH):
+                    acc = _planes_input_row(acc, g_ptr, w_ptr, a, g_plane, th0, tw0, spatial_mask, out_channels,
+                                            plane_mask, Ho, Wo, g_sh, g_sw, w_sc, w_sh, w_sw, KW, SH, SW, DH, DW, WIDE)
+            else:
+                for a in range(KH):
+                    acc = _planes_input_row(acc, g_ptr, w_ptr, a, g_plane, th0, tw0, spatial_mask, out_channels,
+                                            plane_mask, Ho, Wo, g_sh, g_sw, w_sc, w_sh, w_sw, KW, SH, SW, DH, DW, WIDE)
+        gx_offsets = gx_plane[:, None] + (h * gx_sh + w * gx_sw)[None, :]
+        tl.store(gx_ptr + gx_offsets, acc.to(gx_ptr.dtype.element_ty), mask=plane_mask[:, None] & spatial_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward weight: grad_w[oc, a, b] = sum over n, oh, ow of grad_c[n, oc, oh, ow] *
+# x[n, oc // M, oh*SH - pad_top + a*DH, ow*SW - pad_left + b*DW], and grad_bias[oc] = sum of
+# grad_c, from the same loads. Each program vectorises over a block of BLOCK_T taps (a 3-D
+# tile), so grad_c is read once per tap block, and x once per tap (neighbouring taps hit cache).
+
+
+@autotune(configs=_ROWS_WEIGHT_CONFIGS, key=["R", "CM", "M", "H", "W", "BLOCK_T"] + _GEOMETRY_KEY)
+@triton.jit
+def _rows_backward_weight(
+    g_ptr, x_ptr,
+    partial_w_ptr,  # [num_programs(1), CM, KH*KW] partial sums, one slab per program along axis 1
+    partial_b_ptr,  # [num_programs(1), CM], written by the programs of tap block 0
+    R, CM, M,  # R = N*Ho*Wo output pixels; CM output channels; M depth multiplier
+    H, W, Ho, Wo,
+    pad_top, pad_left,
+    g_sn, g_sc, g_sh, g_sw,  # strides of grad_c
+    x_sn, x_sc, x_sh, x_sw,  # strides of x
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # taps per program (power of two; axis 2 of the grid walks tap blocks)
+    INDEX_64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    compute = tl.float64 if WIDE else tl.float32
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = tl.program_id(1)
+    if INDEX_64:
+        channels = channels.to(tl.int64)
+        slot = slot.to(tl.int64)
+    channel_mask = channels < CM
+    x_channel = (channels // M) * x_sc
+    taps = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tap_mask = taps < KH * KW
+    # Offset of each tap's input position from the window corner, in rows and columns.
+    tap_dh = (taps // KW) * DH
+    tap_dw = (taps % KW) * DW
+    acc_w = tl.zeros([BLOCK_T, BLOCK_C], dtype=compute)
+    acc_b = tl.zeros([BLOCK_C], dtype=compute)
+    # Each program takes every num_programs(1)-th block of pixels: a fixed share, so that the
+    # partial sums, and hence the gradients, are the same on every run.
+    for start in range(tl.program_id(1) * BLOCK_P, R, tl.num_programs(1) * BLOCK_P):
+        pixels = start + tl.arange(0, BLOCK_P)
+        if INDEX_64:
+            pixels = pixels.to(tl.int64)
+        pixel_mask = pixels < R
+        n, oh, ow = _split_pixels(pixels, Ho, Wo)
+        g_offsets = (n * g_sn + oh * g_sh + ow * g_sw)[:, None] + (channels * g_sc)[None, :]
+        g = tl.load(g_ptr + g_offsets, mask=pixel_mask[:, None] & channel_mask[None, :], other=0.0).to(compute)
+        acc_b += tl.sum(g, axis=0)
+        ih = (oh * SH - pad_top)[:, None] + tap_dh[None, :]  # [BLOCK_P, BLOCK_T]
+        iw = (ow * SW - pad_left)[:, None] + tap_dw[None, :]
+        inside = pixel_mask[:, None] & tap_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_offsets = ((n * x_sn)[:, None] + ih * x_sh + iw * x_sw)[:, :, None] + x_channel[None, None, :]
+        x = tl.load(x_ptr + x_offsets, mask=inside[:, :, None] & channel_mask[None, None, :], other=0.0)
+        acc_w += tl.sum(x.to(compute) * g[:, None, :], axis=0)
+    w_offsets = (slot * CM + channels)[None, :] * (KH * KW) + taps[:, None]
+    tl.store(partial_w_ptr + w_offsets, acc_w, mask=tap_mask[:, None] & channel_mask[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(partial_b_ptr + slot * CM + channels, acc_b, mask=channel_mask)
+
+
+@autotune(configs=_PLANES_WEIGHT_CONFIGS, key=["N", "CM", "M", "H", "W", "HWo", "Wo", "BLOCK_T"] + _GEOMETRY_KEY)
+@triton.jit
+def _planes_backward_weight(
+    g_ptr, x_ptr, partial_w_ptr, partial_b_ptr,  # as in _rows_backward_weight
+    N, CM, M,
+    H, W, HWo, Wo,  # input size; output pixels per plane and output width
+    pad_top, pad_left,
+    g_sn, g_sc, g_sh, g_sw, x_sn, x_sc, x_sh, x_sw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_T: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    compute = tl.float64 if WIDE else tl.float32
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = tl.program_id(1)
+    if INDEX_64:
+        channels = channels.to(tl.int64)
+        slot = slot.to(tl.int64)
+    channel_mask = channels < CM
+    g_channel = channels * g_sc
+    x_channel = (channels // M) * x_sc
+    taps = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tap_mask = taps < KH * KW
+    tap_dh = (taps // KW) * DH
+    tap_dw = (taps % KW) * DW
+    acc_w = tl.zeros([BLOCK_C, BLOCK_T], dtype=compute)
+    acc_b = tl.zeros([BLOCK_C], dtype=compute)
+    # Work items are (n, block of a plane's pixels); each program takes every
+    # num_programs(1)-th one, a fixed share as in the rows kernel.
+    blocks_per_plane = tl.cdiv(HWo, BLOCK_S)
+    for item in range(tl.program_id(1), N * blocks_per_plane, tl.num_programs(1)):
+        n = item // blocks_per_plane
+        spatial = (item % blocks_per_plane) * BLOCK_S + tl.arange(0, BLOCK_S)
+        if INDEX_64:
+            n = n.to(tl.int64)
+            spatial = spatial.to(tl.int64)
+        spatial_mask = spatial < HWo
+        oh = spatial // Wo
+        ow = spatial % Wo
+        g_offsets = (n * g_sn + g_channel)[:, None] + (oh * g_sh + ow * g_sw)[None, :]
+        g = tl.load(g_ptr + g_offsets, mask=channel_mask[:, None] & spatial_mask[None, :], other=0.0).to(compute)
+        acc_b += tl.sum(g, axis=1)
+        ih = tap_dh[:, None] + (oh * SH - pad_top)[None, :]  # [BLOCK_T, BLOCK_S]
+        iw = tap_dw[:, None] + (ow * SW - pad_left)[None, :]
+        inside = tap_mask[:, None] & spatial_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_offsets = (n * x_sn + x_channel)[:, None, None] + (ih * x_sh + iw * x_sw)[None, :, :]
+        x = tl.load(x_ptr + x_offsets, mask=channel_mask[:, None, None] & inside[None, :, :], other=0.0)
+        acc_w += tl.sum(x.to(compute) * g[:, None, :], axis=2)
+    w_offsets = (slot * CM + channels)[:, None] * (KH * KW) + taps[None, :]
+    tl.store(partial_w_ptr + w_offsets, acc_w, mask=channel_mask[:, None] & tap_mask[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(partial_b_ptr + slot * CM + channels, acc_b, mask=channel_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: geometry, layout, allocation and launch.
+
+
+def output_size(H: int, W: int, kernel: tuple[int, int], stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) for padding (top, left, bottom, right)."""
+    (KH, KW), (sh, sw), (top, left, bottom, right), (dh, dw) = kernel, stride, padding, dilation
+    return (H + top + bottom - dh * (KH - 1) - 1) // sh + 1, (W + left + right - dw * (KW - 1) - 1) // sw + 1
+
+
+def _channels_innermost(x: torch.Tensor) -> bool:
+    """The layout rule for y and grad_x: channels_last when x's channels are innermost."""
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _empty_like_layout(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    memory_format = torch.channels_last if _channels_innermost(x) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format)
+
+
+def _needs_64bit_index(tensors: list[torch.Tensor]) -> bool:
+    # The largest offset any element can have, with room for one block of masked overshoot.
+    # Offsets of masked lanes (window taps in the padding) may wrap in 32 bits harmlessly:
+    # they are never dereferenced, and the masks come from small (h, w) indices.
+    limit = 2**31 - 1 - 65536
+    return any(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) > limit or t.numel() > limit
+        for t in tensors
+    )
+
+
+def _geometry(weight: torch.Tensor, stride, dilation) -> dict:
+    KH, KW = weight.shape[2], weight.shape[3]
+    return dict(KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1])
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())
+
+
+def _weight_strides(weight: torch.Tensor) -> tuple[int, int, int]:
+    return weight.stride(0), weight.stride(2), weight.stride(3)
+
+
+def depthwise_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    activation: int,
+) -> torch.Tensor:
+    """act(((depthwise_conv(x, weight) + bias) * scale) + shift); None means absent.
+
+    y is channels_last when x's channels are innermost (and C > 1), else contiguous NCHW.
+    """
+    N, C, H, W = x.shape
+    CM, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    M = CM // C
+    Ho, Wo = output_size(H, W, (KH, KW), stride, padding, dilation)
+    y = _empty_like_layout(x, (N, CM, Ho, Wo), x.dtype)
+    if y.numel() == 0:
+        return y
+    pad_top, pad_left = padding[0], padding[1]
+    present = [t for t in (bias, scale, shift) if t is not None]
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        ACTIVATION=int(activation), UNROLL=KH * KW <= _MAX_UNROLLED_TAPS,
+        INDEX_64=_needs_64bit_index([x, y, weight] + present), WIDE=x.dtype == torch.float64,
+        **_geometry(weight, stride, dilation),
+    )
+    # Absent vectors are never loaded (their HAS_ flag is off); any pointer will do.
+    bias, scale, shift = (t if t is not None else weight for t in (bias, scale, shift))
+    if _channels_innermost(x):
+        R = N * Ho * Wo
+        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_P"]), triton.cdiv(CM, meta["BLOCK_C"]))
+        _rows_forward[grid](
+            x, weight, y, bias, scale, shift, R, CM, M, H, W, Ho, Wo, pad_top, pad_left,
+            *_strides4(x), *_weight_strides(weight), *_strides4(y), **flags,
+        )
+    else:
+        NCM = N * CM
+        grid = lambda meta: (
+            triton.cdiv(NCM, meta["BLOCK_PL"]), min(triton.cdiv(Ho * Wo, meta["BLOCK_S"]), _MAX_GRID_Y)
+        )
+        _planes_forward[grid](
+            x, weight, y, bias, scale, shift, NCM, CM, M, H, W, Ho * Wo, Wo, pad_top, pad_left,
+            *_strides4(x), *_weight_strides(weight), *_strides4(y), **flags,
+        )
+    return y
+
+
+def depthwise_backward_input(
+    grad_c: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """Gradient of the plain conv (no epilogue) w.r.t. x; x supplies shape, dtype and layout."""
+    N, C, H, W = x.shape
+    CM, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    M = CM // C
+    Ho, Wo = grad_c.shape[2], grad_c.shape[3]
+    grad_x = _empty_like_layout(x, (N, C, H, W), x.dtype)
+    if grad_x.numel() == 0:
+        return grad_x
+    pad_top, pad_left = padding[0], padding[1]
+    flags = dict(
+        UNROLL=KH * KW <= _MAX_UNROLLED_TAPS, INDEX_64=_needs_64bit_index([grad_c, grad_x, weight]),
+        WIDE=x.dtype == torch.float64, **_geometry(weight, stride, dilation),
+    )
+    if _channels_innermost(x):
+        R = N * H * W
+        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+        _rows_backward_input[grid](
+            grad_c, weight, grad_x, R, C, M, H, W, Ho, Wo, pad_top, pad_left,
+            *_strides4(grad_c), *_weight_strides(weight), *_strides4(grad_x), **flags,
+        )
+    else:
+        NC = N * C
+        grid = lambda meta: (triton.cdiv(NC, meta["BLOCK_PL"]), min(triton.cdiv(H * W, meta["BLOCK_S"]), _MAX_GRID_Y))
+        _planes_backward_input[grid](
+            grad_c, weight, grad_x, NC, C, M, H * W, W, Ho, Wo, pad_top, pad_left,
+            *_strides4(grad_c), *_weight_strides(weight), *_strides4(grad_x), **flags,
+        )
+    return grad_x
+
+
+def _split(work_blocks: int, other_programs: int, device: torch.device) -> int:
+    """How many programs share one reduction: enough to fill the device, no more than blocks."""
+    wanted = triton.cdiv(parallel_programs(device), max(other_programs, 1))
+    return max(1, min(wanted, work_blocks, _MAX_GRID_Y))
+
+
+def depthwise_backward_weight(
+    grad_c: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weight in weight's dtype and shape, contiguous; grad_bias (C*M,) in x's dtype).
+
+    Deterministic: fixed per-program shares reduced into fp32 (fp64) partials, summed in a
+    fixed order by torch.
+    """
+    N, C, H, W = x.shape
+    CM, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    M = CM // C
+    Ho, Wo = grad_c.shape[2], grad_c.shape[3]
+    taps = KH * KW
+    if grad_c.numel() == 0:
+        grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        return grad_weight, torch.zeros(CM, dtype=x.dtype, device=x.device)
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    BLOCK_T = min(triton.next_power_of_2(taps), _MAX_TAP_BLOCK)
+    tap_blocks = triton.cdiv(taps, BLOCK_T)
+    pad_top, pad_left = padding[0], padding[1]
+    # The channel-block count is only an estimate here (the config is not yet chosen); it
+    # just sizes how many programs share the pixels.
+    if _channels_innermost(x):
+        R = N * Ho * Wo
+        split = _split(triton.cdiv(R, _SMALLEST_WEIGHT_BLOCK_P), triton.cdiv(CM, 32) * tap_blocks, x.device)
+    else:
+        work = N * triton.cdiv(Ho * Wo, _SMALLEST_WEIGHT_BLOCK_S)
+        split = _split(work, triton.cdiv(CM, 4) * tap_blocks, x.device)
+    partial_w = torch.empty(split, CM, taps, dtype=accumulate, device=x.device)
+    partial_b = torch.empty(split, CM, dtype=accumulate, device=x.device)
+    flags = dict(
+        BLOCK_T=BLOCK_T, INDEX_64=_needs_64bit_index([grad_c, x, partial_w]),
+        WIDE=x.dtype == torch.float64, **_geometry(weight, stride, dilation),
+    )
+    # Channel blocks on axis 0, which has no 65535 cap (BLOCK_C may be 1).
+    grid = lambda meta: (triton.cdiv(CM, meta["BLOCK_C"]), split, tap_blocks)
+    if _channels_innermost(x):
+        _rows_backward_weight[grid](
+            grad_c, x, partial_w, partial_b, N * Ho * Wo, CM, M, H, W, Ho, Wo, pad_top, pad_left,
+            *_strides4(grad_c), *_strides4(x), **flags,
+        )
+    else:
+        _planes_backward_weight[grid](
+            grad_c, x, partial_w, partial_b, N, CM, M, H, W, Ho * Wo, Wo, pad_top, pad_left,
+            *_strides4(grad_c), *_strides4(x), **flags,
+        )
+    # torch.sum reduces in a fixed order for a fixed shape: the second, deterministic stage.
+    grad_weight = partial_w.sum(0).view(CM, 1, KH, KW).to(weight.dtype).contiguous()
+    return grad_weight, partial_b.sum(0).to(x.dtype)
