@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fastconv
 from fastconv.activations import ACTIVATION_CODES, apply_activation
+from fastconv.backends import interpreting
 from harness import (
     DEVICE,
     LAYOUTS,
@@ -82,7 +83,7 @@ CASES = [
 ]
 
 
-def check_against_float64(case, tensors, activation, y, grads, grad_y, lowp):
+def check_against_float64(case, tensors, activation, y, grads, grad_y, lowp, gradients=True):
     names = list(tensors)
     wide = {name: t.detach().double().requires_grad_(True) for name, t in tensors.items()}
     y64 = case.plain_pytorch(wide, activation)
@@ -92,11 +93,11 @@ def check_against_float64(case, tensors, activation, y, grads, grad_y, lowp):
         yardstick = case.plain_pytorch(tensors, activation)
         grads_lowp = torch.autograd.grad(yardstick, list(tensors.values()), grad_y)
     assert_matches_reference("y", y, y64, yardstick)
-    for i, name in enumerate(names):
+    for i, name in enumerate(names if gradients else []):
         assert_matches_reference(f"grad_{name}", grads[i], grads64[i], grads_lowp[i] if lowp else None)
 
 
-def run_case(backend, case, dtype, layout, activation=None, bias=True, epilogue=False):
+def run_case(backend, case, dtype, layout, activation=None, bias=True, epilogue=False, gradients=True):
     tensors = case.inputs(dtype, layout, bias=bias, epilogue=epilogue)
     with poisoned_allocations():
         y = run_backend(backend, case.call, tensors, activation)
@@ -105,7 +106,7 @@ def run_case(backend, case, dtype, layout, activation=None, bias=True, epilogue=
     expected_format = torch.channels_last if tensors["x"].stride(1) == 1 and case.shape[1] > 1 else torch.contiguous_format
     assert y.is_contiguous(memory_format=expected_format), f"output strides {y.stride()}"
     assert grads[0].shape == tensors["x"].shape and grads[0].is_contiguous(memory_format=expected_format)
-    check_against_float64(case, tensors, activation, y, grads, grad_y, lowp=dtype != torch.float32)
+    check_against_float64(case, tensors, activation, y, grads, grad_y, lowp=dtype != torch.float32, gradients=gradients)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -115,11 +116,42 @@ def test_geometry_matches_float64(backend, case, layout):
     run_case(backend, case, torch.float32, layout)
 
 
+# At least 64 output channels: the per-channel gradients (weight, bias, scale, shift) are then
+# vectors long enough for their maximum error to be a stable statistic. With 3 channels, ours
+# and PyTorch's errors are two draws of the same rounding noise, and "at most 2x" failed in
+# about one run in four (seen on grad_scale, on both the torch and triton backends).
+HALF_CASES = [
+    Case((2, 64, 13, 13), 3, stride=2, padding=1),
+    Case((2, 64, 9, 9), (2, 2), padding="same"),
+    Case((2, 32, 7, 7), 3, padding="valid", multiplier=2),
+    CASES[10],
+]
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[8], CASES[10]], ids=repr)
+@pytest.mark.parametrize("case", HALF_CASES, ids=repr)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_within_twice_pytorch_error(backend, case, dtype):
-    run_case(backend, case, dtype, "channels_last", activation="relu6", epilogue=True)
+    """SiLU, not ReLU6: a kinked activation's gradient jumps where z crosses the kink, and in
+    half precision the rounded conv output puts a few z on the other side of it than float64
+    does, in PyTorch's eager run and in ours, but not in the same elements. One such element
+    decides the maximum error, so the 2x comparison would be a coin toss (seen: 1 run in 3).
+    ReLU6's half-precision values are checked below, and its gradients in float32 and float64."""
+    # Triton's CPU interpreter truncates float32 to bfloat16 instead of rounding to nearest: the
+    # bias adds up in every reduction (grad_scale ran 3x PyTorch's error, seen 1 run in 3), so
+    # there bfloat16 gradients wait for the GPU run and only the values are held to the oracle.
+    gradients = not (backend == "triton" and dtype == torch.bfloat16 and interpreting())
+    run_case(backend, case, dtype, "channels_last", activation="silu", epilogue=True, gradients=gradients)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_relu6_values(backend, dtype):
+    case = CASES[1]
+    tensors = case.inputs(dtype, "channels_last", epilogue=True, requires_grad=False)
+    y = run_backend(backend, case.call, tensors, "relu6")
+    wide = {name: t.double() for name, t in tensors.items()}
+    assert_matches_reference("y", y, case.plain_pytorch(wide, "relu6"), case.plain_pytorch(tensors, "relu6"))
 
 
 @pytest.mark.parametrize("bias, epilogue", [(False, False), (True, True), (False, True)], ids=["plain", "bias+bn", "bn"])
