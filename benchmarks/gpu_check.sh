@@ -122,10 +122,13 @@ for name, s in status.items():
     print(name.ljust(8), "available" if s.available else "UNAVAILABLE: " + s.reason)
 sys.exit(0 if all(s.available for s in status.values()) else 1)'
 
-# 3. The whole test suite, on the GPU: every backend on CUDA tensors, plus the GPU-only tests.
-#    The Triton kernels compile once per specialisation here (no autotuning in tests).
+# 3. The GPU tests: the cuda backend's share of every test grid, and tests/test_gpu.py (both
+#    GPU backends on small cases, determinism, graphs, 64-bit sizes). Not the Triton backend's
+#    share of the big grids: each of its geometries is a Triton compile of a few seconds, about
+#    180 of them, which would not fit; the CPU run covers those kernels in the interpreter.
+#    The slow every-config test runs by hand: pytest tests/test_gpu.py -m slow.
 step gpu-tests "$(limit 200 $R_TESTS)" "0" \
-    "$PY" -m pytest tests -q -p no:cacheprovider -rfEs --tb=short
+    "$PY" -m pytest tests -q -m "gpu and not slow" -p no:cacheprovider -rfEs --tb=short
 
 # 4. compute-sanitizer on the small CUDA subset (tests named "sanitizer"). Exit 5 means
 #    none is selected yet: fine. PyTorch's caching allocator would hide out-of-bounds

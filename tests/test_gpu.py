@@ -144,6 +144,7 @@ def depthwise_workload():
 WORKLOADS = {"bn_act": bn_act_workload, "depthwise": depthwise_workload}
 
 
+@pytest.mark.slow  # every config is a compile: minutes; gpu_check.sh leaves it out
 @pytest.mark.skipif("triton" not in [p.values[0] for p in GPU_BACKENDS], reason="needs the triton backend")
 @pytest.mark.parametrize("module_name", list(WORKLOADS))
 def test_every_triton_config(module_name, monkeypatch):
