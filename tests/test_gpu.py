@@ -28,7 +28,7 @@ def inputs(shape, dtype=torch.float16, layout="channels_last", requires_grad=Fal
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_sanitizer_subset(backend, layout):
+def test_bn_act_sanitizer_subset(backend, layout):
     """Small forward and backward calls on every layout, for memcheck and racecheck."""
     x, scale, shift = inputs((2, 19, 9, 7), torch.float16, layout, requires_grad=True)
     y = run_backend(backend, fastconv.bn_act, x, scale, shift, "relu6")
