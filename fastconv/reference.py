@@ -83,3 +83,43 @@ def depthwise_conv2d(
         top = left = 0
     y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups=x.shape[1])
     return conv_epilogue(y, scale, shift, activation)
+
+
+def pointwise_prologue(
+    x: torch.Tensor, in_scale: Optional[torch.Tensor], in_shift: Optional[torch.Tensor], in_activation: Optional[str]
+) -> torch.Tensor:
+    """in_act(x * in_scale[c] + in_shift[c]) in x's dtype (the BN -> ReLU before a 1x1 conv)."""
+    if in_scale is None and in_shift is None and in_activation is None:
+        return x
+    return conv_epilogue(x, in_scale, in_shift, in_activation)
+
+
+def pointwise_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    activation_after_residual: bool = False,
+    in_scale: Optional[torch.Tensor] = None,
+    in_shift: Optional[torch.Tensor] = None,
+    in_activation: Optional[str] = None,
+) -> torch.Tensor:
+    """A 1x1 convolution with its prologue and epilogue, as eager PyTorch ops.
+
+    a = in_act(x * in_scale + in_shift); y = conv1x1(a) + bias; z = y * scale + shift; then
+    act(z) + residual, or act(z + residual) when activation_after_residual (ResNet's order).
+    The epilogue is computed in float32 for half inputs, as the kernels do.
+    """
+    a = pointwise_prologue(x, in_scale, in_shift, in_activation)
+    y = F.conv2d(a, weight, bias)
+    if residual is None:
+        return conv_epilogue(y, scale, shift, activation)
+    dtype = _compute_dtype(y)
+    z = conv_epilogue(y.to(dtype), scale, shift, None if activation_after_residual else activation)
+    z = z + residual.to(dtype)
+    if activation_after_residual:
+        z = apply_activation(z, activation)
+    return z.to(x.dtype)

@@ -3,5 +3,6 @@ autograd and per-backend implementations beside them."""
 
 from fastconv.ops.bn_act import bn_act
 from fastconv.ops.depthwise import depthwise_conv2d
+from fastconv.ops.pointwise import pointwise_conv2d
 
-__all__ = ["bn_act", "depthwise_conv2d"]
+__all__ = ["bn_act", "depthwise_conv2d", "pointwise_conv2d"]
