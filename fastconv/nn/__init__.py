@@ -2,5 +2,6 @@
 
 from fastconv.nn.batchnorm_act import BatchNormAct2d
 from fastconv.nn.depthwise import DepthwiseConv2d, convert_depthwise
+from fastconv.nn.pointwise import PointwiseConv2d, convert_pointwise
 
-__all__ = ["BatchNormAct2d", "DepthwiseConv2d", "convert_depthwise"]
+__all__ = ["BatchNormAct2d", "DepthwiseConv2d", "PointwiseConv2d", "convert_depthwise", "convert_pointwise"]
