@@ -123,9 +123,14 @@ def _forward_torch(out, x, weight, *epilogue):
     return out.copy_(reference.pointwise_conv2d(x, weight, *epilogue))
 
 
+def _contiguous(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return vector.contiguous() if vector is not None else None  # C values: no real copy to speak of
+
+
 def _forward_triton(out, x, weight, bias, scale, shift, activation, residual, after, in_scale, in_shift, in_activation):
     from fastconv.triton_kernels import pointwise
 
+    bias, scale, shift, in_scale, in_shift = map(_contiguous, (bias, scale, shift, in_scale, in_shift))
     return pointwise.pointwise_gemm(
         x, weight[:, :, 0, 0], out, bias, scale, shift, activation_code(activation), residual, after,
         in_scale, in_shift, activation_code(in_activation), _allow_tf32(),
@@ -141,7 +146,8 @@ def _weight_grad_torch(grad_c, x, in_scale, in_shift, in_activation):
 def _weight_grad_triton(grad_c, x, in_scale, in_shift, in_activation):
     from fastconv.triton_kernels import pointwise
 
-    return pointwise.pointwise_weight_grad(grad_c, x, in_scale, in_shift, activation_code(in_activation))
+    in_scale, in_shift = _contiguous(in_scale), _contiguous(in_shift)
+    return pointwise.pointwise_weight_grad(grad_c, x, in_scale, in_shift, activation_code(in_activation), _allow_tf32())
 
 
 FORWARD = OpImplementations("pointwise_conv2d")
