@@ -227,3 +227,61 @@ def test_depthwise_past_two_to_the_31_elements(backend):
     # Output rows 5790..5798 of the last image read input rows 5789..5799: a valid conv there.
     expected = torch.nn.functional.conv2d(x[1:, :, 5789:].float(), weight.float(), bias.float(), 1, (0, 1), groups=32)
     torch.testing.assert_close(y[1:, :, 5790:5799].float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_pointwise_sanitizer_subset(backend, layout, dtype):
+    """Small fused 1x1 convs on every layout; bfloat16 tl.dot is checked here, not on the CPU."""
+    x = random_tensor((2, 40, 9, 7), dtype, layout).requires_grad_()
+    weight = (torch.randn(24, 40, 1, 1, device="cuda") / 6).to(dtype).requires_grad_()
+    scale = (torch.randn(24, device="cuda") * 0.5 + 1).requires_grad_()
+    shift, in_shift = torch.randn(24, device="cuda").requires_grad_(), torch.randn(40, device="cuda").requires_grad_()
+    in_scale = (torch.randn(40, device="cuda") * 0.5 + 1).requires_grad_()
+    tensors = (x, weight, scale, shift, in_scale, in_shift)
+    options = dict(activation="silu", in_activation="silu")
+
+    def call(x, weight, scale, shift, in_scale, in_shift):
+        return fastconv.pointwise_conv2d(x, weight, scale=scale, shift=shift, in_scale=in_scale, in_shift=in_shift, **options)
+
+    y = run_backend(backend, call, *tensors)
+    grads = run_backend(backend, torch.autograd.grad, y.float().sum(), tensors)
+    torch.cuda.synchronize()
+    wide = [t.detach().double().requires_grad_() for t in tensors]
+    with fastconv.use_backend("torch"):
+        y64 = call(*wide)
+        yardstick = call(*tensors)
+    assert_matches_reference("y", y, y64, yardstick)
+    for name, got, want in zip(("x", "weight", "scale", "shift", "in_scale", "in_shift"), grads, torch.autograd.grad(y64.sum(), wide)):
+        assert_matches_reference(f"grad_{name}", got, want)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_pointwise_weight_gradient_is_bitwise_deterministic(backend):
+    x = random_tensor((32, 96, 28, 28), torch.float16, "channels_last")
+    grad_c = random_tensor((32, 64, 28, 28), torch.float16, "channels_last")
+    first = run_backend(backend, torch.ops.fastconv.pointwise_conv2d_backward_weight, grad_c, x, None, None, None)
+    for _ in range(3):
+        again = run_backend(backend, torch.ops.fastconv.pointwise_conv2d_backward_weight, grad_c, x, None, None, None)
+        assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["auto"])
+def test_pointwise_cuda_graph_into_a_concat_buffer(backend):
+    buffer = torch.randn(8, 96, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(32, 64, 1, 1, device="cuda") / 8).half()
+    in_scale, in_shift = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda")
+    run = lambda: fastconv.pointwise_conv2d(  # noqa: E731
+        buffer[:, :64], weight, in_scale=in_scale, in_shift=in_shift, in_activation="relu", out=buffer[:, 64:]
+    )
+    with fastconv.use_backend(backend):
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+    buffer[:, :64].copy_(torch.randn(8, 64, 14, 14, device="cuda"))
+    graph.replay()
+    expected = fastconv.reference.pointwise_conv2d(buffer[:, :64], weight, None, None, None, None, None, False, in_scale, in_shift, "relu")
+    torch.testing.assert_close(buffer[:, 64:], expected, atol=2e-2, rtol=2e-2)
