@@ -147,6 +147,9 @@ class OpImplementations:
         self._functions[backend] = function
         self._supports[backend] = supports or (lambda *args: None)
 
+    def has(self, backend: str) -> bool:
+        return backend in self._functions
+
     def why_not(self, backend: str, device: torch.device, *args) -> Optional[str]:
         """Why `backend` cannot run this call, or None when it can."""
         if backend not in self._functions:

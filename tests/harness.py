@@ -28,12 +28,16 @@ LAYOUTS = ("nchw", "channels_last", "channel_slice", "spatial_slice")
 _RELATIVE_SLACK = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def backends_under_test() -> list:
-    """Every backend as a pytest param; those that cannot run here are skipped with the reason."""
+def backends_under_test(implementations=None) -> list:
+    """Every backend as a pytest param; those that cannot run here are skipped with the reason.
+
+    `implementations` (an op's OpImplementations) also skips the backends that op lacks."""
     params = []
     status = available()
     for name in ("torch", "triton", "cuda"):
         reason = status[name].reason
+        if implementations is not None and not implementations.has(name):
+            reason = f"{implementations.op_name} has no {name} implementation yet"
         if name == "cuda" and not reason and not ON_GPU:
             reason = "no CUDA device"
         marks = [pytest.mark.skip(reason=f"backend {name}: {reason}")] if reason else []

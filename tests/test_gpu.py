@@ -229,9 +229,12 @@ def test_depthwise_past_two_to_the_31_elements(backend):
     torch.testing.assert_close(y[1:, :, 5790:5799].float(), expected, atol=2e-2, rtol=2e-2)
 
 
+POINTWISE_BACKENDS = [p for p in backends_under_test(importlib.import_module("fastconv.ops.pointwise").FORWARD) if p.values[0] != "torch"]
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", POINTWISE_BACKENDS)
 def test_pointwise_sanitizer_subset(backend, layout, dtype):
     """Small fused 1x1 convs on every layout; bfloat16 tl.dot is checked here, not on the CPU."""
     x = random_tensor((2, 40, 9, 7), dtype, layout).requires_grad_()
@@ -257,7 +260,7 @@ def test_pointwise_sanitizer_subset(backend, layout, dtype):
         assert_matches_reference(f"grad_{name}", got, want)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", POINTWISE_BACKENDS)
 def test_pointwise_weight_gradient_is_bitwise_deterministic(backend):
     x = random_tensor((32, 96, 28, 28), torch.float16, "channels_last")
     grad_c = random_tensor((32, 64, 28, 28), torch.float16, "channels_last")
@@ -267,7 +270,7 @@ def test_pointwise_weight_gradient_is_bitwise_deterministic(backend):
         assert torch.equal(first, again)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS + ["auto"])
+@pytest.mark.parametrize("backend", POINTWISE_BACKENDS + ["auto"])
 def test_pointwise_cuda_graph_into_a_concat_buffer(backend):
     buffer = torch.randn(8, 96, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(32, 64, 1, 1, device="cuda") / 8).half()

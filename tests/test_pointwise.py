@@ -9,9 +9,10 @@ import torch.nn.functional as F
 import fastconv
 from fastconv.activations import apply_activation
 from fastconv.backends import interpreting
+from fastconv.ops import pointwise as pointwise_ops
 from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, random_tensor, run_backend
 
-BACKENDS = backends_under_test()
+BACKENDS = backends_under_test(pointwise_ops.FORWARD)
 
 
 def skip_interpreted_bf16_dot(backend, dtype):
