@@ -120,22 +120,37 @@ def mismatch_report(name: str, actual: torch.Tensor, expected: torch.Tensor, tol
 
 
 def assert_matches_reference(
-    name: str, actual: torch.Tensor, reference64: torch.Tensor, pytorch_lowp: torch.Tensor | None = None
+    name: str,
+    actual: torch.Tensor,
+    reference64: torch.Tensor,
+    pytorch_lowp: torch.Tensor | None = None,
+    magnitude: float | None = None,
 ) -> None:
     """The oracle: |actual - ref| <= 2 * |pytorch_lowp - ref| + slack, elementwise maximum.
 
     `reference64` is computed in float64. `pytorch_lowp` is plain PyTorch's result in the
-    dtype under test; without it (float32 and float64) the slack alone is the tolerance.
+    dtype under test; without it (float32 and float64) the slack alone is the tolerance. The
+    slack is relative to `magnitude`, by default the reference's largest value; a reduction
+    whose terms cancel passes the size of its terms instead (sum |term|), since its rounding
+    error scales with them, not with what is left of them.
     """
     assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
     if actual.numel() == 0:
         return
-    magnitude = max(1.0, reference64.detach().abs().max().item())
+    if magnitude is None:
+        magnitude = reference64.detach().abs().max().item()
+    magnitude = max(1.0, magnitude)
     tolerance = _RELATIVE_SLACK[actual.dtype] * magnitude
     if pytorch_lowp is not None:
         tolerance += 2 * (pytorch_lowp.detach().double() - reference64.detach().double()).abs().max().item()
     report = mismatch_report(name, actual, reference64, tolerance)
     assert report.startswith(f"{name}: 0 of"), report
+
+
+def seeded(seed: int) -> None:
+    """Seed torch from a hypothesis-drawn integer: fresh inputs for every example, yet the same
+    ones when hypothesis replays an example (it reports a failure as flaky otherwise)."""
+    torch.manual_seed(seed)
 
 
 def run_backend(backend: str, function: Callable, *args, **kwargs):

@@ -9,21 +9,25 @@ from hypothesis import strategies as st
 
 import fastconv
 from fastconv.activations import ACTIVATION_CODES
-from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, run_backend
+from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, run_backend, seeded
 
 
 @st.composite
 def strided_views(draw):
-    """A 4-D view of a larger buffer whose dims lie in any memory order, with steps and offsets."""
+    """A builder of a 4-D view of a larger buffer whose dims lie in any memory order, with steps
+    and offsets."""
     shape = [draw(st.integers(0 if i == 0 else 1, 6)) for i in range(4)]
     order = draw(st.permutations(range(4)))  # memory order, outermost first
     steps = [draw(st.sampled_from((1, 1, 2))) for _ in range(4)]
     offsets = [draw(st.integers(0, 2)) for _ in range(4)]
     buffer_shape = [offsets[d] + max(shape[d], 1) * steps[d] for d in order]
-    buffer = torch.randn(buffer_shape, device=DEVICE) * 3
-    view = buffer.permute([order.index(d) for d in range(4)])  # back to (N, C, H, W)
     index = tuple(slice(offsets[d], offsets[d] + shape[d] * steps[d], steps[d]) for d in range(4))
-    return view[index]
+
+    def build():  # after seeding: the data comes from torch's generator, the geometry from hypothesis
+        buffer = torch.randn(buffer_shape, device=DEVICE) * 3
+        return buffer.permute([order.index(d) for d in range(4)])[index]  # back to (N, C, H, W)
+
+    return build
 
 
 FUZZ_BACKENDS = [p for p in backends_under_test() if p.values[0] != "cuda" or torch.cuda.is_available()]
@@ -31,8 +35,10 @@ FUZZ_BACKENDS = [p for p in backends_under_test() if p.values[0] != "cuda" or to
 
 @pytest.mark.parametrize("backend", FUZZ_BACKENDS)
 @settings(max_examples=25, deadline=None)
-@given(x=strided_views(), activation=st.sampled_from(list(ACTIVATION_CODES)), data=st.data())
-def test_any_strided_view_matches_float64(backend, x, activation, data):
+@given(seed=st.integers(0, 2**31 - 1), view=strided_views(), activation=st.sampled_from(list(ACTIVATION_CODES)))
+def test_any_strided_view_matches_float64(backend, seed, view, activation):
+    seeded(seed)
+    x = view()
     channels = x.shape[1]
     x = x.requires_grad_(True)
     scale = (torch.randn(channels, device=DEVICE) + 1).requires_grad_(True)
@@ -45,5 +51,9 @@ def test_any_strided_view_matches_float64(backend, x, activation, data):
     x64, scale64, shift64 = (t.detach().double().requires_grad_(True) for t in (x, scale, shift))
     y64 = fastconv.reference.bn_act(x64, scale64, shift64, activation)
     assert_matches_reference("y", y, y64)
-    for name, got, want in zip(("grad_x", "grad_scale", "grad_shift"), grads, torch.autograd.grad(y64, (x64, scale64, shift64), grad_y.double())):
-        assert_matches_reference(name, got, want)
+    grads64 = torch.autograd.grad(y64, (x64, scale64, shift64), grad_y.double())
+    # The parameter gradients sum grad_y * act'(z) (* x) over pixels; act' is at most 1.5.
+    terms = 1.5 * grad_y.abs().double() * torch.stack([x64.detach().abs(), torch.ones_like(x64)])
+    sums = [None, terms[0].sum((0, 2, 3)).max().item(), terms[1].sum((0, 2, 3)).max().item()] if x.numel() else [None] * 3
+    for name, got, want, magnitude in zip(("grad_x", "grad_scale", "grad_shift"), grads, grads64, sums):
+        assert_matches_reference(name, got, want, magnitude=magnitude)
