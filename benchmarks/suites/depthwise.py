@@ -24,17 +24,15 @@ Memory-bound, so the floor is bytes / copy bandwidth:
 The "pytorch" baseline records which convolution PyTorch picked (pytorch_conv_backend, from
 torch._C._select_conv_backend): cuDNN for channels_last, its own kernel for some NCHW cases.
 """
-import contextlib
-import importlib
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..common import DTYPES, backends_to_run, short_error, time_call, tolerance
-from ..records import make_record
+from ..common import (DTYPES, auto_choices, backends_to_run, baseline_records, check_outputs,
+                      conv_bn_act, cudnn_benchmark, max_errors, newly_picked, pytorch_conv_backend,
+                      short_error, time_call)
 from ..timing import Rotation, rotation_count, synchronize
 from . import Suite, register
 
@@ -224,17 +222,9 @@ def _eager_sequence(case, first, device):
     parameters give y * scale + shift exactly (mean 0, var 1 - eps, weight scale, bias shift)."""
     s = case.shape
     conv = torch.nn.Conv2d(s.c, s.c, s.k, s.stride, s.padding, groups=s.c, bias=False)
-    bn = torch.nn.BatchNorm2d(s.c)
-    with torch.no_grad():
-        conv.weight.copy_(first.w.detach().float())
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1 - bn.eps)
-        bn.weight.copy_(first.scale)
-        bn.bias.copy_(first.shift)
-    seq = torch.nn.Sequential(conv, bn, torch.nn.ReLU6()).eval()
     # model.half() and model.to(memory_format=channels_last), as a user runs inference.
-    seq = seq.to(device=device, dtype=DTYPES[case.dtype], memory_format=torch.channels_last
-                 if case.layout == "channels_last" else torch.contiguous_format)
+    seq = conv_bn_act(conv, first.w, first.scale, first.shift, EPILOGUE_ACT, device,
+                      DTYPES[case.dtype], case.layout == "channels_last")
     return lambda i: seq(i.x)
 
 
@@ -281,62 +271,18 @@ def _oracle(case, i, ref):
                     i64, case.mode)
 
 
-def _errors(outs, oracle):
-    return [(o.double() - r).abs().max().item() for o, r in zip(outs, oracle)]
-
-
-def _check(errs, eager_errs, oracle, dtype):
-    """(ok, index of the output nearest its tolerance): every output within tolerance()."""
-    ratios = []
-    for e, ee, r in zip(errs, eager_errs, oracle):
-        tol = tolerance(ee, dtype, r.abs().max().item())
-        ratios.append(e / tol if tol else math.inf)
-    worst = max(range(len(ratios)), key=ratios.__getitem__)
-    return ratios[worst] <= 1, worst
-
-
 OUTPUT_NAMES = {"fwd": ("y",), "bwd": ("grad_x", "grad_weight")}
 
 
 def _auto_choices():
     """What auto has picked so far for the depthwise ops (forward, grad_input, grad_weight)."""
-    try:
-        mod = importlib.import_module("fastconv.ops.depthwise")
-    except ImportError:
-        return {}
-    out = {}
-    for attr in ("FORWARD", "GRAD_INPUT", "GRAD_WEIGHT"):
-        impl = getattr(mod, attr, None)
-        if impl is not None and hasattr(impl, "auto_choices"):
-            out.update({(attr, k): v for k, v in impl.auto_choices().items()})
-    return out
-
-
-def _pytorch_conv_backend(case, i):
-    """The convolution PyTorch dispatches these tensors to (Cudnn, CudaDepthwise2d, ...)."""
-    s = case.shape
-    try:
-        b = torch._C._select_conv_backend(i.x, i.w, None, [s.stride] * 2, [s.padding] * 2, [1, 1],
-                                          False, [0, 0], s.c)
-        return str(b).rsplit(".", 1)[-1]
-    except Exception:  # a private API: its absence costs a label, not the run
-        return None
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark():
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # as users set it; the baseline gets cuDNN's best algorithm
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = old
+    return auto_choices("fastconv.ops.depthwise", ("FORWARD", "GRAD_INPUT", "GRAD_WEIGHT"))
 
 
 # One case -----------------------------------------------------------------------------------
 
 def _run(case, ctx):
-    with _cudnn_benchmark():
+    with cudnn_benchmark():
         return _run_case(case, ctx)
 
 
@@ -355,17 +301,19 @@ def _run_case(case, ctx):
     # The eager error in the same dtype sets the check's tolerance: PyTorch's own conv for the
     # plain cases, the reference (conv in the dtype, epilogue in float32) for the fused one.
     eager_name = "reference" if case.fused else "pytorch"
-    eager_errs = _errors(_outputs(fns[eager_name], first, case.mode), oracle)
+    eager_errs = max_errors(_outputs(fns[eager_name], first, case.mode), oracle)
 
+    s = case.shape
     baselines = {}  # name -> (Timing or None, error or None)
     extra_common = {}
     if case.fused:
         seq = _eager_sequence(case, first, ctx.device)
-        extra_common["sequence_max_abs_err"] = _errors(_outputs(seq, first, "fwd"), oracle)[0]
+        extra_common["sequence_max_abs_err"] = max_errors(_outputs(seq, first, "fwd"), oracle)[0]
         baselines["eager conv+bn+relu6"] = (_time_fwd(seq, rotation, ctx), None)
     else:
         baselines["pytorch"] = (timer(fns["pytorch"], rotation, ctx), None)
-        extra_common["pytorch_conv_backend"] = _pytorch_conv_backend(case, first)
+        extra_common["pytorch_conv_backend"] = pytorch_conv_backend(first.x, first.w, s.stride,
+                                                                    s.padding, s.c)
     compile_here = ctx.compile and case.mode == "fwd" and case.layout == "channels_last" and (
         not case.fused or not ctx.quick)
     if compile_here:
@@ -379,7 +327,6 @@ def _run_case(case, ctx):
         except Exception as exc:  # record the failure; the other numbers still count
             baselines["torch.compile"] = (None, short_error(exc))
 
-    s = case.shape
     bytes_moved = case.bytes_moved()
     common = dict(suite=SUITE, case=s.name, dtype=case.dtype, layout=case.layout, mode=case.mode,
                   activation=case.activation or "-", model=s.model, N=s.n, C=s.c, H=s.h, k=s.k,
@@ -397,12 +344,11 @@ def _run_case(case, ctx):
             try:
                 before = _auto_choices()
                 outs = _outputs(fns["fastconv"], first, case.mode)
-                picked = sorted({f"{op.lower()}={v}" for (op, k), v in _auto_choices().items()
-                                 if before.get((op, k)) != v})
+                picked = newly_picked(before, _auto_choices())
                 if picked:
-                    extra["auto_picked"] = ", ".join(picked)
-                errs = _errors(outs, oracle)
-                ok, worst = _check(errs, eager_errs, oracle, dtype)
+                    extra["auto_picked"] = picked
+                errs = max_errors(outs, oracle)
+                ok, worst = check_outputs(errs, eager_errs, oracle, dtype)
                 extra.update(max_abs_err=errs[worst], eager_max_abs_err=eager_errs[worst],
                              checked_output=OUTPUT_NAMES[case.mode][worst],
                              check="ok" if ok else "mismatch")
@@ -421,16 +367,7 @@ def _run_case(case, ctx):
                     own["fastconv plain"] = (None, short_error(exc))
         if case.fused and t and own["fastconv plain"][0]:
             extra["epilogue_overhead_pct"] = 100 * (t.ms / own["fastconv plain"][0].ms - 1)
-        for bl_name, (bl_t, bl_error) in own.items():
-            rec_extra = dict(extra)
-            if bl_error:
-                rec_extra["baseline_error"] = bl_error
-            records.append(make_record(
-                ctx.env, backend=name, ms=t.ms if t else None,
-                ms_p20=t.p20 if t else None, ms_p80=t.p80 if t else None,
-                baseline=bl_name, baseline_ms=bl_t.ms if bl_t else None,
-                baseline_ms_p20=bl_t.p20 if bl_t else None, baseline_ms_p80=bl_t.p80 if bl_t else None,
-                **common, **rec_extra))
+        records += baseline_records(ctx, name, t, own, common, extra)
     return records
 
 
