@@ -16,3 +16,8 @@ os.environ.setdefault("FASTCONV_TRITON_AUTOTUNE", "0")
 
 # Every test starts from the default choice, whatever the calling shell exported.
 os.environ.pop("FASTCONV_BACKEND", None)
+
+# The tests hold float32 to float32's precision: no TF32 in PyTorch's reference convolutions
+# and matmuls, nor in fastconv's GEMMs, which follow the same switches.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False

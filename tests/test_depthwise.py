@@ -92,9 +92,13 @@ def check_against_float64(case, tensors, activation, y, grads, grad_y, lowp, gra
     if lowp:
         yardstick = case.plain_pytorch(tensors, activation)
         grads_lowp = torch.autograd.grad(yardstick, list(tensors.values()), grad_y)
-    assert_matches_reference("y", y, y64, yardstick)
+    taps = case.kernel[0] * case.kernel[1]
+    pixels = y.shape[0] * y.shape[2] * y.shape[3]
+    assert_matches_reference("y", y, y64, yardstick, terms=taps)
     for i, name in enumerate(names if gradients else []):
-        assert_matches_reference(f"grad_{name}", grads[i], grads64[i], grads_lowp[i] if lowp else None)
+        # grad_x sums a window's taps (times the multiplier); the parameters sum every pixel.
+        terms = taps * case.multiplier if name == "x" else pixels
+        assert_matches_reference(f"grad_{name}", grads[i], grads64[i], grads_lowp[i] if lowp else None, terms=terms)
 
 
 def run_case(backend, case, dtype, layout, activation=None, bias=True, epilogue=False, gradients=True):

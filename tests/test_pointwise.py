@@ -74,9 +74,13 @@ def check(t, y, grads, grad_y, lowp, **options):
     grads64 = torch.autograd.grad(y64, list(wide.values()), grad_y.double())
     yardstick = plain_pytorch(t, **options) if lowp else None
     grads_lowp = torch.autograd.grad(yardstick, list(t.values()), grad_y) if lowp else [None] * len(t)
-    assert_matches_reference("y", y, y64, yardstick)
+    n, c_in, h, w = t["x"].shape
+    c_out = t["weight"].shape[0]
+    # How many terms each element sums: a pixel's channels (y, grad_x), or all pixels.
+    terms = {"x": c_out, "residual": 1}
+    assert_matches_reference("y", y, y64, yardstick, terms=c_in)
     for name, got, want, lowp_grad in zip(t, grads, grads64, grads_lowp):
-        assert_matches_reference(f"grad_{name}", got, want, lowp_grad)
+        assert_matches_reference(f"grad_{name}", got, want, lowp_grad, terms=terms.get(name, n * h * w))
 
 
 def run(backend, t, lowp=False, **options):
