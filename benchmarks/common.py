@@ -68,6 +68,20 @@ def check_outputs(errs, eager_errs, oracle, dtype):
     return ratios[worst] <= 1, worst
 
 
+def check_fields(outs, eager_errs, oracle, dtype, output_names):
+    """Record fields of a backend's result check: its worst output against eager's error there,
+    "ok" or "mismatch", and each output's errors when there are several (gradients)."""
+    errs = max_errors(outs, oracle)
+    ok, worst = check_outputs(errs, eager_errs, oracle, dtype)
+    fields = dict(max_abs_err=errs[worst], eager_max_abs_err=eager_errs[worst],
+                  checked_output=output_names[worst], check="ok" if ok else "mismatch")
+    if len(errs) > 1:
+        for name, err, eager_err in zip(output_names, errs, eager_errs):
+            fields[f"max_abs_err_{name}"] = err
+            fields[f"eager_max_abs_err_{name}"] = eager_err
+    return fields
+
+
 def auto_choices(module_name, attrs):
     """What auto has picked so far for an op module's OpImplementations, {(attr, key): backend}."""
     try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..common import (DTYPES, auto_choices, backends_to_run, baseline_records, check_outputs,
+from ..common import (DTYPES, auto_choices, backends_to_run, baseline_records, check_fields,
                       conv_bn_act, cudnn_benchmark, max_errors, newly_picked, pytorch_conv_backend,
                       short_error, time_call)
 from ..timing import Rotation, rotation_count, synchronize
@@ -347,15 +347,7 @@ def _run_case(case, ctx):
                 picked = newly_picked(before, _auto_choices())
                 if picked:
                     extra["auto_picked"] = picked
-                errs = max_errors(outs, oracle)
-                ok, worst = check_outputs(errs, eager_errs, oracle, dtype)
-                extra.update(max_abs_err=errs[worst], eager_max_abs_err=eager_errs[worst],
-                             checked_output=OUTPUT_NAMES[case.mode][worst],
-                             check="ok" if ok else "mismatch")
-                if len(errs) > 1:
-                    for out_name, e, ee in zip(OUTPUT_NAMES[case.mode], errs, eager_errs):
-                        extra[f"max_abs_err_{out_name}"] = e
-                        extra[f"eager_max_abs_err_{out_name}"] = ee
+                extra.update(check_fields(outs, eager_errs, oracle, dtype, OUTPUT_NAMES[case.mode]))
                 del outs
                 t = timer(fns["fastconv"], rotation, ctx)
             except Exception as exc:
