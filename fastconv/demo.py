@@ -34,7 +34,43 @@ def _bn_act_cases(device: torch.device):
                 x = arrange(torch.randn(2, 24, 9, 11, device=device) * 3).to(dtype)
                 scale = torch.randn(24, device=device) * 0.5 + 1
                 shift = torch.randn(24, device=device)
-                yield f"bn_act {activation}", dtype, layout, (x, scale, shift, activation)
+                yield f"bn_act {activation}", dtype, layout, fastconv.bn_act, reference.bn_act, (x, scale, shift, activation)
+
+
+def _depthwise_cases(device: torch.device):
+    for dtype in (torch.float32, torch.float16):
+        for layout, arrange in _LAYOUTS.items():
+            x = arrange(torch.randn(2, 32, 13, 11, device=device)).to(dtype)
+            weight = (torch.randn(32, 1, 3, 3, device=device) / 3).to(dtype)
+            scale, shift = torch.randn(32, device=device) * 0.5 + 1, torch.randn(32, device=device)
+
+            def ours(x, weight, scale, shift):
+                return fastconv.depthwise_conv2d(x, weight, None, 2, 1, scale=scale, shift=shift, activation="relu6")
+
+            def theirs(x, weight, scale, shift):
+                return reference.depthwise_conv2d(x, weight, None, (2, 2), (1, 1, 1, 1), (1, 1), scale, shift, "relu6")
+
+            yield "depthwise 3x3 s2", dtype, layout, ours, theirs, (x, weight, scale, shift)
+
+
+def _pointwise_cases(device: torch.device):
+    for dtype in (torch.float32, torch.float16):
+        for layout, arrange in _LAYOUTS.items():
+            x = arrange(torch.randn(2, 48, 7, 9, device=device)).to(dtype)
+            weight = (torch.randn(32, 48, 1, 1, device=device) / 7).to(dtype)
+            scale, shift = torch.randn(32, device=device) * 0.5 + 1, torch.randn(32, device=device)
+            in_scale, in_shift = torch.rand(48, device=device) + 0.5, torch.randn(48, device=device)
+
+            def ours(x, weight, scale, shift, in_scale, in_shift):
+                return fastconv.pointwise_conv2d(
+                    x, weight, scale=scale, shift=shift, activation="relu6", in_scale=in_scale, in_shift=in_shift,
+                    in_activation="relu",
+                )  # fmt: skip
+
+            def theirs(x, weight, scale, shift, in_scale, in_shift):
+                return reference.pointwise_conv2d(x, weight, None, scale, shift, "relu6", None, False, in_scale, in_shift, "relu")
+
+            yield "pointwise bn-relu", dtype, layout, ours, theirs, (x, weight, scale, shift, in_scale, in_shift)
 
 
 def correctness_demo() -> int:
@@ -48,13 +84,17 @@ def correctness_demo() -> int:
     print()
     print(f"{'op':18s} {'backend':8s} {'dtype':9s} {'layout':14s} {'max error':>10s} {'allowed':>9s}  verdict")
     failures = 0
-    for op, dtype, layout, args in _bn_act_cases(device):
-        x, scale, shift, activation = args
-        expected = reference.bn_act(x.double(), scale.double(), shift.double(), activation)
+    cases = (*_bn_act_cases(device), *_depthwise_cases(device), *_pointwise_cases(device))
+    for op, dtype, layout, ours, theirs, args in cases:
+        expected = theirs(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
         magnitude = max(1.0, expected.abs().max().item())
         for backend in runnable:
             with fastconv.use_backend(backend):
-                got = fastconv.bn_act(x, scale, shift, activation)
+                try:
+                    got = ours(*args)
+                except RuntimeError as error:  # this backend does not implement the op yet
+                    print(f"{op:18s} {backend:8s} {str(dtype)[6:]:9s} {layout:14s}  skipped: {error}")
+                    continue
             error = (got.double() - expected).abs().max().item() / magnitude
             ok = error <= _TOLERANCE[dtype]
             failures += not ok
