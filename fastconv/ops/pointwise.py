@@ -281,26 +281,35 @@ def _ones_zeros(scale, shift, channels, device):
     return scale, shift.to(scale.dtype)
 
 
+def _epilogue_backward(grad_y, x, weight, bias, scale, shift, residual, options, in_scale, in_shift):
+    """(grad_c, grad_scale, grad_shift, grad_residual), c being the conv output with bias."""
+    activation, has_residual, after, in_activation = options
+    if scale is None and shift is None and activation is None:
+        # y = c (+ residual): nothing to recompute, nothing to differentiate.
+        return grad_y, None, None, grad_y if has_residual else None
+    ops = torch.ops.fastconv
+    c = ops.pointwise_conv2d(x, weight, bias, None, None, None, None, False, in_scale, in_shift, in_activation)
+    scale_, shift_ = _ones_zeros(scale, shift, weight.shape[0], x.device)
+    if not (after and has_residual):
+        grad_c, grad_scale, grad_shift = ops.bn_act_backward(grad_y, c, scale_, shift_, activation)
+        return grad_c, grad_scale, grad_shift, grad_y if has_residual else None
+    # y = act(z + residual): differentiate the activation at u = z + residual first.
+    u = ops.bn_act(c, scale_, shift_, None) + residual
+    grad_u, _, _ = ops.bn_act_backward(grad_y, u, torch.ones_like(scale_), torch.zeros_like(scale_), activation)
+    grad_c, grad_scale, grad_shift = ops.bn_act_backward(grad_u, c, scale_, shift_, None)
+    return grad_c, grad_scale, grad_shift, grad_u
+
+
 def _backward(ctx, grad_y):
     x, weight, bias, scale, shift, in_scale, in_shift, residual = ctx.saved_tensors
-    activation, has_residual, after, in_activation = ctx.options
+    in_activation = ctx.options[3]
     needs = ctx.needs_input_grad
     ops = torch.ops.fastconv
     grads = dict.fromkeys(("x", "weight", "bias", "scale", "shift", "residual", "in_scale", "in_shift"))
     with use_backend(ctx.backend):
-        # c: the conv output with bias, before the epilogue, recomputed.
-        c = ops.pointwise_conv2d(x, weight, bias, None, None, None, None, False, in_scale, in_shift, in_activation)
-        scale_, shift_ = _ones_zeros(scale, shift, weight.shape[0], x.device)
-        grad_z = grad_y
-        if after and has_residual:
-            z = ops.bn_act(c, scale_, shift_, None)
-            u = z + residual
-            grad_z, _, _ = ops.bn_act_backward(grad_y, u, torch.ones_like(scale_), torch.zeros_like(scale_), activation)
-            grads["residual"] = grad_z
-            grad_c, grads["scale"], grads["shift"] = ops.bn_act_backward(grad_z, c, scale_, shift_, None)
-        else:
-            grads["residual"] = grad_y if has_residual else None
-            grad_c, grads["scale"], grads["shift"] = ops.bn_act_backward(grad_z, c, scale_, shift_, activation)
+        grad_c, grads["scale"], grads["shift"], grads["residual"] = _epilogue_backward(
+            grad_y, x, weight, bias, scale, shift, residual, ctx.options, in_scale, in_shift
+        )
         if needs[2]:
             grads["bias"] = grad_c.sum(dim=(0, 2, 3))
         if needs[1]:
