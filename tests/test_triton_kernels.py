@@ -19,7 +19,7 @@ def test_64_bit_index_path(backend, layout, monkeypatch):
     """Tensors past 2**31 elements take the int64 index path; run it on a small tensor by
     forcing the flag (the GPU tests run a real 2**31-element tensor)."""
     kernels = importlib.import_module("fastconv.triton_kernels.bn_act")
-    monkeypatch.setattr(kernels, "_needs_64bit_index", lambda tensors: True)
+    monkeypatch.setattr(kernels, "needs_64bit_index", lambda tensors, headroom: True)
     x = random_tensor((2, 5, 6, 7), torch.float32, layout, scale=3.0).requires_grad_(True)
     scale = torch.randn(5, device=x.device, requires_grad=True)
     shift = torch.randn(5, device=x.device, requires_grad=True)
@@ -34,7 +34,7 @@ def test_64_bit_index_path(backend, layout, monkeypatch):
 
 
 def test_merged_stride():
-    from fastconv.triton_kernels._tuning import merged_stride
+    from fastconv.triton_kernels._indexing import merged_stride
 
     assert merged_stride((2, 3, 4), (12, 4, 1)) == 1  # contiguous
     assert merged_stride((2, 3, 4), (96, 32, 8)) == 8  # channels_last pixels, 8 channels

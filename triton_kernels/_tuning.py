@@ -43,19 +43,13 @@ def parallel_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def merged_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
-    """The stride s with element i of the flattened dims at offset i * s, or None if none exists.
+def interpreter_first(interpreter: triton.Config, device: list[triton.Config]) -> list[triton.Config]:
+    """The configs to tune over; the first is the one the interpreter (or a run without
+    autotuning) uses.
 
-    Dimensions of size 1 take any stride. This is what lets a kernel index a channels_last
-    tensor, or a channel slice of one, by a single row index without dividing by H and W.
+    The interpreter costs per program, not per element, so it gets one large tile that keeps
+    CPU test grids to a few programs. On a GPU such a tile would spill registers or, times a
+    depthwise window's unrolled taps, take LLVM minutes to compile, so there the first config
+    is a moderate one: FASTCONV_TRITON_AUTOTUNE=0 runs only it.
     """
-    dims = [(size, stride) for size, stride in zip(sizes, strides) if size != 1]
-    if not dims:
-        return 1
-    inner = dims[-1][1]
-    expected = inner
-    for size, stride in reversed(dims):
-        if stride != expected:
-            return None
-        expected = stride * size
-    return inner
+    return [interpreter] + device if interpreting() else device

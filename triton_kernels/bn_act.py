@@ -24,11 +24,19 @@ import torch
 import triton
 import triton.language as tl
 
-from fastconv.triton_kernels._tuning import autotune, merged_stride, parallel_programs
+from fastconv.triton_kernels._indexing import (
+    MAX_GRID_Y,
+    merged_stride,
+    needs_64bit_index,
+    pixel_offsets,
+    pixel_strides,
+    reduction_split,
+)
+from fastconv.triton_kernels._tuning import autotune
 from fastconv.triton_kernels.activations import activation_derivative, apply_activation
 
-# Largest grid along axis 1 that CUDA allows.
-_MAX_GRID_Y = 65535
+# Offsets past 2**31 - 1 - this take the 64-bit path: room for one block of masked overshoot.
+_INDEX_HEADROOM = 4096
 
 _ROWS_CONFIGS = [
     # (BLOCK_R, BLOCK_C): the first config is the one the CPU interpreter uses.
@@ -49,16 +57,6 @@ _PLANES_CONFIGS = [
 ]
 _SMALLEST_BLOCK_R = 16
 _SMALLEST_BLOCK_S = 256
-
-
-@triton.jit
-def _pixel_offsets(pixels, H, W, stride_n, stride_h, stride_w, MERGED: tl.constexpr):
-    """Offsets of pixel numbers (n*H + h)*W + w; when MERGED, stride_w is the merged stride."""
-    if MERGED:
-        return pixels * stride_w
-    w = pixels % W
-    rest = pixels // W
-    return (rest // H) * stride_n + (rest % H) * stride_h + w * stride_w
 
 
 @triton.jit
@@ -93,8 +91,8 @@ def _rows_forward(
     shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0).to(compute)
 
     mask = (pixels < R)[:, None] & channel_mask[None, :]
-    x_offsets = _pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)[:, None] + channels[None, :]
-    y_offsets = _pixel_offsets(pixels, H, W, y_sn, y_sh, y_sw, MERGED)[:, None] + channels[None, :]
+    x_offsets = pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)[:, None] + channels[None, :]
+    y_offsets = pixel_offsets(pixels, H, W, y_sn, y_sh, y_sw, MERGED)[:, None] + channels[None, :]
     x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(compute)
     y = apply_activation(x * scale[None, :] + shift[None, :], ACTIVATION)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -153,9 +151,9 @@ def _rows_backward(
         if INDEX_64:
             pixels = pixels.to(tl.int64)
         mask = (pixels < R)[:, None] & channel_mask[None, :]
-        g_offsets = _pixel_offsets(pixels, H, W, g_sn, g_sh, g_sw, MERGED)[:, None] + channels[None, :]
-        x_offsets = _pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)[:, None] + channels[None, :]
-        gx_offsets = _pixel_offsets(pixels, H, W, gx_sn, gx_sh, gx_sw, MERGED)[:, None] + channels[None, :]
+        g_offsets = pixel_offsets(pixels, H, W, g_sn, g_sh, g_sw, MERGED)[:, None] + channels[None, :]
+        x_offsets = pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)[:, None] + channels[None, :]
+        gx_offsets = pixel_offsets(pixels, H, W, gx_sn, gx_sh, gx_sw, MERGED)[:, None] + channels[None, :]
         g = tl.load(g_ptr + g_offsets, mask=mask, other=0.0).to(compute)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(compute)
         z = x * scale[None, :] + shift[None, :]
@@ -210,15 +208,6 @@ def _planes_backward(
 # Host side: layout analysis, allocation and launch.
 
 
-def _pixel_strides(tensors: list[torch.Tensor]) -> tuple[bool, list[tuple[int, int, int]]]:
-    """(merged, per-tensor (n, h, w) strides); when merged, each triple is (0, 0, merged stride)."""
-    n, _, h, w = tensors[0].shape
-    merged = [merged_stride((n, h, w), (t.stride(0), t.stride(2), t.stride(3))) for t in tensors]
-    if all(stride is not None for stride in merged):
-        return True, [(0, 0, stride) for stride in merged]
-    return False, [(t.stride(0), t.stride(2), t.stride(3)) for t in tensors]
-
-
 def _spatial_strides(tensors: list[torch.Tensor]) -> tuple[bool, list[tuple[int, int, int, int]]]:
     """(merged, per-tensor (n, c, h, w) strides), h and w merged into the last when possible."""
     _, _, h, w = tensors[0].shape
@@ -232,16 +221,8 @@ def _channels_innermost(tensors: list[torch.Tensor]) -> bool:
     return tensors[0].shape[1] > 1 and all(t.stride(1) == 1 for t in tensors)
 
 
-def _needs_64bit_index(tensors: list[torch.Tensor]) -> bool:
-    # The largest offset any element can have, plus one block of overshoot from masked lanes.
-    limit = 2**31 - 1 - 4096
-    return any(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) > limit for t in tensors) or (
-        tensors[0].numel() > limit
-    )
-
-
 def _flags(x: torch.Tensor, tensors: list[torch.Tensor], activation: int) -> dict:
-    return dict(ACTIVATION=activation, INDEX_64=_needs_64bit_index(tensors), WIDE=x.dtype == torch.float64)
+    return dict(ACTIVATION=activation, INDEX_64=needs_64bit_index(tensors, _INDEX_HEADROOM), WIDE=x.dtype == torch.float64)
 
 
 def bn_act_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: int) -> torch.Tensor:
@@ -252,20 +233,14 @@ def bn_act_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ac
     N, C, H, W = x.shape
     flags = _flags(x, [x, y], activation)
     if _channels_innermost([x, y]):
-        merged, (xs, ys) = _pixel_strides([x, y])
+        merged, (xs, ys) = pixel_strides([x, y])
         grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))
         _rows_forward[grid](x, y, scale, shift, N * H * W, C, H, W, *xs, *ys, MERGED=merged, **flags)
     else:
         merged, (xs, ys) = _spatial_strides([x, y])
-        grid = lambda meta: (N * C, min(triton.cdiv(H * W, meta["BLOCK_S"]), _MAX_GRID_Y))
+        grid = lambda meta: (N * C, min(triton.cdiv(H * W, meta["BLOCK_S"]), MAX_GRID_Y))
         _planes_forward[grid](x, y, scale, shift, C, H * W, W, *xs, *ys, MERGED=merged, **flags)
     return y
-
-
-def _split(work_blocks: int, other_programs: int, device: torch.device) -> int:
-    """How many programs share one reduction: enough to fill the device, no more than blocks."""
-    wanted = triton.cdiv(parallel_programs(device), max(other_programs, 1))
-    return max(1, min(wanted, work_blocks, _MAX_GRID_Y))
 
 
 def bn_act_backward(
@@ -281,9 +256,9 @@ def bn_act_backward(
     tensors = [grad_y, x, grad_x]
     flags = _flags(x, tensors, activation)
     if _channels_innermost(tensors):
-        merged, strides = _pixel_strides(tensors)
+        merged, strides = pixel_strides(tensors)
         R = N * H * W
-        split = _split(triton.cdiv(R, _SMALLEST_BLOCK_R), triton.cdiv(C, 64), x.device)
+        split = reduction_split(triton.cdiv(R, _SMALLEST_BLOCK_R), triton.cdiv(C, 64), x.device)
         partial_scale = torch.empty(split, C, dtype=accumulate, device=x.device)
         partial_shift = torch.empty_like(partial_scale)
         grid = lambda meta: (split, triton.cdiv(C, meta["BLOCK_C"]))
@@ -293,7 +268,7 @@ def bn_act_backward(
         )
     else:
         merged, strides = _spatial_strides(tensors)
-        split = _split(triton.cdiv(H * W, _SMALLEST_BLOCK_S), N * C, x.device)
+        split = reduction_split(triton.cdiv(H * W, _SMALLEST_BLOCK_S), N * C, x.device)
         partial_scale = torch.empty(split, N, C, dtype=accumulate, device=x.device)
         partial_shift = torch.empty_like(partial_scale)
         grid = (N * C, split)

@@ -36,11 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastconv.triton_kernels._tuning import autotune, interpreting, parallel_programs
+from fastconv.triton_kernels._indexing import MAX_GRID_Y, needs_64bit_index, reduction_split
+from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
 
-# Largest grid along axes 1 and 2 that CUDA allows.
-_MAX_GRID_Y = 65535
+# Offsets past 2**31 - 1 - this take the 64-bit path: room for a block of masked overshoot; masked window taps in the padding may wrap harmlessly, never dereferenced.
+_INDEX_HEADROOM = 65536
+
 # Windows with more taps than this walk their rows in a run-time loop (each row's taps still
 # unrolled): LLVM's time to compile grows faster than linearly with the unrolled loads, and a
 # fully unrolled 5x5 window on a tile of scalar (unvectorised) loads takes 30 s to compile.
@@ -49,19 +51,7 @@ _MAX_UNROLLED_TAPS = 16
 # block, 5x5 in two, 7x7 in four); more would cost registers without saving memory traffic.
 _MAX_TAP_BLOCK = 16
 
-def _configs(interpreter: triton.Config, device: list[triton.Config]) -> list[triton.Config]:
-    """The configs to tune over; the first is the one the interpreter (or a run without
-    autotuning) uses.
-
-    The interpreter costs per program, not per element, so it gets one large tile that keeps
-    CPU test grids to a few programs. On a GPU that tile would hold many elements per thread
-    and, times the unrolled taps, take LLVM minutes to compile, so there the first config is
-    a moderate one: FASTCONV_TRITON_AUTOTUNE=0 runs only it.
-    """
-    return [interpreter] + device if interpreting() else device
-
-
-_ROWS_CONFIGS = _configs(
+_ROWS_CONFIGS = interpreter_first(
     # (BLOCK_P output pixels, BLOCK_C channels)
     triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4),
     [
@@ -75,7 +65,7 @@ _ROWS_CONFIGS = _configs(
         triton.Config({"BLOCK_P": 128, "BLOCK_C": 8}, num_warps=4),
     ],
 )
-_PLANES_CONFIGS = _configs(
+_PLANES_CONFIGS = interpreter_first(
     # (BLOCK_PL planes, BLOCK_S pixels per plane); small planes want several per program.
     triton.Config({"BLOCK_PL": 16, "BLOCK_S": 256}, num_warps=4),
     [
@@ -90,7 +80,7 @@ _PLANES_CONFIGS = _configs(
     ],
 )
 # The backward weight tiles are 3-D ([pixels, taps, channels]), so they are smaller per axis.
-_ROWS_WEIGHT_CONFIGS = _configs(
+_ROWS_WEIGHT_CONFIGS = interpreter_first(
     triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
     [
         triton.Config({"BLOCK_P": 8, "BLOCK_C": 32}, num_warps=4),
@@ -101,7 +91,7 @@ _ROWS_WEIGHT_CONFIGS = _configs(
         triton.Config({"BLOCK_P": 4, "BLOCK_C": 128}, num_warps=4),
     ],
 )
-_PLANES_WEIGHT_CONFIGS = _configs(
+_PLANES_WEIGHT_CONFIGS = interpreter_first(
     # (BLOCK_C channels, BLOCK_S pixels per plane)
     triton.Config({"BLOCK_C": 8, "BLOCK_S": 256}, num_warps=4),
     [
@@ -585,17 +575,6 @@ def _empty_like_layout(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dty
     return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format)
 
 
-def _needs_64bit_index(tensors: list[torch.Tensor]) -> bool:
-    # The largest offset any element can have, with room for one block of masked overshoot.
-    # Offsets of masked lanes (window taps in the padding) may wrap in 32 bits harmlessly:
-    # they are never dereferenced, and the masks come from small (h, w) indices.
-    limit = 2**31 - 1 - 65536
-    return any(
-        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) > limit or t.numel() > limit
-        for t in tensors
-    )
-
-
 def _geometry(weight: torch.Tensor, stride, dilation) -> dict:
     KH, KW = weight.shape[2], weight.shape[3]
     return dict(KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1])
@@ -636,7 +615,7 @@ def depthwise_forward(
     flags = dict(
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         ACTIVATION=int(activation), UNROLL=KH * KW <= _MAX_UNROLLED_TAPS,
-        INDEX_64=_needs_64bit_index([x, y, weight] + present), WIDE=x.dtype == torch.float64,
+        INDEX_64=needs_64bit_index([x, y, weight] + present, _INDEX_HEADROOM), WIDE=x.dtype == torch.float64,
         **_geometry(weight, stride, dilation),
     )
     # Absent vectors are never loaded (their HAS_ flag is off); any pointer will do.
@@ -651,7 +630,7 @@ def depthwise_forward(
     else:
         NCM = N * CM
         grid = lambda meta: (
-            triton.cdiv(NCM, meta["BLOCK_PL"]), min(triton.cdiv(Ho * Wo, meta["BLOCK_S"]), _MAX_GRID_Y)
+            triton.cdiv(NCM, meta["BLOCK_PL"]), min(triton.cdiv(Ho * Wo, meta["BLOCK_S"]), MAX_GRID_Y)
         )
         _planes_forward[grid](
             x, weight, y, bias, scale, shift, NCM, CM, M, H, W, Ho * Wo, Wo, pad_top, pad_left,
@@ -678,7 +657,7 @@ def depthwise_backward_input(
         return grad_x
     pad_top, pad_left = padding[0], padding[1]
     flags = dict(
-        UNROLL=KH * KW <= _MAX_UNROLLED_TAPS, INDEX_64=_needs_64bit_index([grad_c, grad_x, weight]),
+        UNROLL=KH * KW <= _MAX_UNROLLED_TAPS, INDEX_64=needs_64bit_index([grad_c, grad_x, weight], _INDEX_HEADROOM),
         WIDE=x.dtype == torch.float64, **_geometry(weight, stride, dilation),
     )
     if _channels_innermost(x):
@@ -690,18 +669,12 @@ def depthwise_backward_input(
         )
     else:
         NC = N * C
-        grid = lambda meta: (triton.cdiv(NC, meta["BLOCK_PL"]), min(triton.cdiv(H * W, meta["BLOCK_S"]), _MAX_GRID_Y))
+        grid = lambda meta: (triton.cdiv(NC, meta["BLOCK_PL"]), min(triton.cdiv(H * W, meta["BLOCK_S"]), MAX_GRID_Y))
         _planes_backward_input[grid](
             grad_c, weight, grad_x, NC, C, M, H * W, W, Ho, Wo, pad_top, pad_left,
             *_strides4(grad_c), *_weight_strides(weight), *_strides4(grad_x), **flags,
         )
     return grad_x
-
-
-def _split(work_blocks: int, other_programs: int, device: torch.device) -> int:
-    """How many programs share one reduction: enough to fill the device, no more than blocks."""
-    wanted = triton.cdiv(parallel_programs(device), max(other_programs, 1))
-    return max(1, min(wanted, work_blocks, _MAX_GRID_Y))
 
 
 def depthwise_backward_weight(
@@ -733,14 +706,14 @@ def depthwise_backward_weight(
     # just sizes how many programs share the pixels.
     if _channels_innermost(x):
         R = N * Ho * Wo
-        split = _split(triton.cdiv(R, _SMALLEST_WEIGHT_BLOCK_P), triton.cdiv(CM, 32) * tap_blocks, x.device)
+        split = reduction_split(triton.cdiv(R, _SMALLEST_WEIGHT_BLOCK_P), triton.cdiv(CM, 32) * tap_blocks, x.device)
     else:
         work = N * triton.cdiv(Ho * Wo, _SMALLEST_WEIGHT_BLOCK_S)
-        split = _split(work, triton.cdiv(CM, 4) * tap_blocks, x.device)
+        split = reduction_split(work, triton.cdiv(CM, 4) * tap_blocks, x.device)
     partial_w = torch.empty(split, CM, taps, dtype=accumulate, device=x.device)
     partial_b = torch.empty(split, CM, dtype=accumulate, device=x.device)
     flags = dict(
-        BLOCK_T=BLOCK_T, INDEX_64=_needs_64bit_index([grad_c, x, partial_w]),
+        BLOCK_T=BLOCK_T, INDEX_64=needs_64bit_index([grad_c, x, partial_w], _INDEX_HEADROOM),
         WIDE=x.dtype == torch.float64, **_geometry(weight, stride, dilation),
     )
     # Channel blocks on axis 0, which has no 65535 cap (BLOCK_C may be 1).

@@ -37,29 +37,20 @@ import torch
 import triton
 import triton.language as tl
 
-from fastconv.triton_kernels._tuning import autotune, interpreting, merged_stride, parallel_programs
+from fastconv.triton_kernels._indexing import needs_64bit_index, pixel_offsets, pixel_strides, reduction_split
+from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
 
-# Largest grid along axes 1 and 2 that CUDA allows.
-_MAX_GRID_Y = 65535
+# Offsets past 2**31 - 1 - this take the 64-bit path: room for a block of pixels or channels past the end, times a stride.
+_INDEX_HEADROOM = 2**24
+
 # Consecutive programs of the forward walk GROUP_M pixel blocks down one column of output
 # channel blocks before moving right, so that the x tiles of a group stay in L2 while every
 # channel block reads them (matters when C_out spans several blocks).
 _GROUP_M = tl.constexpr(8)
 
 
-def _configs(interpreter: triton.Config, device: list[triton.Config]) -> list[triton.Config]:
-    """The configs to tune over; the first is the one the interpreter (or a run without
-    autotuning) uses.
-
-    The interpreter costs per program and per operation, not per element, so it gets one large
-    tile that keeps CPU test grids to a few programs. On a GPU that tile would spill registers,
-    so there the first config is a moderate one: FASTCONV_TRITON_AUTOTUNE=0 runs only it.
-    """
-    return [interpreter] + device if interpreting() else device
-
-
-_GEMM_CONFIGS = _configs(
+_GEMM_CONFIGS = interpreter_first(
     # (BLOCK_M pixels, BLOCK_N output channels, BLOCK_K input channels per step)
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4),
     [
@@ -82,7 +73,7 @@ _GEMM_CONFIGS = _configs(
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     ],
 )
-_WEIGHT_CONFIGS = _configs(
+_WEIGHT_CONFIGS = interpreter_first(
     # (BLOCK_N output channels, BLOCK_K input channels: the program's grad_w tile; BLOCK_M
     # pixels per step of the reduction)
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 128}, num_warps=4),
@@ -108,16 +99,6 @@ _PROLOGUE_KEY = ["HAS_IN_SCALE", "HAS_IN_SHIFT", "IN_ACTIVATION"]
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces.
-
-
-@triton.jit
-def _pixel_offsets(pixels, H, W, stride_n, stride_h, stride_w, MERGED: tl.constexpr):
-    """Offsets of pixel numbers (n*H + h)*W + w; when MERGED, stride_w is the merged stride."""
-    if MERGED:
-        return pixels * stride_w
-    w = pixels % W
-    rest = pixels // W
-    return (rest // H) * stride_n + (rest % H) * stride_h + w * stride_w
 
 
 @triton.jit
@@ -203,7 +184,7 @@ def _gemm(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = pixels < M
     n_mask = cols < NO
-    x_rows = _pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)
+    x_rows = pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)
     w_cols = cols * w_sj
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=compute)
@@ -255,7 +236,7 @@ def _gemm(
         v += _load_vector(shift_ptr, cols, n_mask, WIDE)[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        r_offsets = _pixel_offsets(pixels, H, W, r_sn, r_sh, r_sw, MERGED)[:, None] + (cols * r_sc)[None, :]
+        r_offsets = pixel_offsets(pixels, H, W, r_sn, r_sh, r_sw, MERGED)[:, None] + (cols * r_sc)[None, :]
         residual = tl.load(residual_ptr + r_offsets, mask=out_mask, other=0.0).to(compute)
         if ACT_AFTER_RESIDUAL:
             v = apply_activation(v + residual, ACTIVATION)
@@ -263,7 +244,7 @@ def _gemm(
             v = apply_activation(v, ACTIVATION) + residual
     else:
         v = apply_activation(v, ACTIVATION)
-    o_offsets = _pixel_offsets(pixels, H, W, o_sn, o_sh, o_sw, MERGED)[:, None] + (cols * o_sc)[None, :]
+    o_offsets = pixel_offsets(pixels, H, W, o_sn, o_sh, o_sw, MERGED)[:, None] + (cols * o_sc)[None, :]
     tl.store(out_ptr + o_offsets, v.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -315,9 +296,9 @@ def _weight_grad(
             pixels = pixels.to(tl.int64)
         m_mask = pixels < M
         # grad_c loaded transposed, [BLOCK_N, BLOCK_M], so the dot needs no tl.trans.
-        g_offsets = g_cols[:, None] + _pixel_offsets(pixels, H, W, g_sn, g_sh, g_sw, MERGED)[None, :]
+        g_offsets = g_cols[:, None] + pixel_offsets(pixels, H, W, g_sn, g_sh, g_sw, MERGED)[None, :]
         g = tl.load(g_ptr + g_offsets, mask=n_mask[:, None] & m_mask[None, :], other=0.0)
-        x_rows = _pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)
+        x_rows = pixel_offsets(pixels, H, W, x_sn, x_sh, x_sw, MERGED)
         if WIDE:
             g = g.to(compute)
             # One input channel at a time: its column of products, summed over the pixels,
@@ -351,25 +332,6 @@ def _weight_grad(
 
 # --------------------------------------------------------------------------------------------
 # Host side: layout analysis, allocation and launch.
-
-
-def _pixel_strides(tensors: list[torch.Tensor]) -> tuple[bool, list[tuple[int, int, int]]]:
-    """(merged, per-tensor (n, h, w) strides); when merged, each triple is (0, 0, merged stride)."""
-    n, _, h, w = tensors[0].shape
-    merged = [merged_stride((n, h, w), (t.stride(0), t.stride(2), t.stride(3))) for t in tensors]
-    if all(stride is not None for stride in merged):
-        return True, [(0, 0, stride) for stride in merged]
-    return False, [(t.stride(0), t.stride(2), t.stride(3)) for t in tensors]
-
-
-def _needs_64bit_index(tensors: list[torch.Tensor]) -> bool:
-    # The largest offset any element can have, with room for the overshoot of masked lanes
-    # (a block of pixels or channels past the end, times a stride).
-    limit = 2**31 - 1 - 2**24
-    return any(
-        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) > limit or t.numel() > limit
-        for t in tensors
-    )
 
 
 def _check_4d(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -412,7 +374,7 @@ def pointwise_gemm(
     if M == 0 or NO == 0:
         return out
     pixel_tensors = [x, out] + ([residual] if residual is not None else [])
-    merged, strides = _pixel_strides(pixel_tensors)
+    merged, strides = pixel_strides(pixel_tensors)
     (x_sn, x_sh, x_sw), (o_sn, o_sh, o_sw) = strides[0], strides[1]
     r_strides = (0, 0, 0, 0)
     if residual is not None:
@@ -430,7 +392,7 @@ def pointwise_gemm(
         HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_ACTIVATION=int(in_activation),
         PROLOGUE=in_scale is not None or in_shift is not None or int(in_activation) != 0,
         MERGED=merged, TF32=bool(allow_tf32) and x.dtype == torch.float32,
-        INDEX_64=_needs_64bit_index(pixel_tensors + [weight]), WIDE=wide,
+        INDEX_64=needs_64bit_index(pixel_tensors + [weight], _INDEX_HEADROOM), WIDE=wide,
     )
     # Absent tensors are never loaded (their HAS_ flag is off); any pointer will do.
     bias, scale, shift, residual, in_scale, in_shift = (
@@ -445,12 +407,6 @@ def pointwise_gemm(
         **flags,
     )
     return out
-
-
-def _split(work_blocks: int, other_programs: int, device: torch.device) -> int:
-    """How many programs share one reduction: enough to fill the device, no more than blocks."""
-    wanted = triton.cdiv(parallel_programs(device), max(other_programs, 1))
-    return max(1, min(wanted, work_blocks, _MAX_GRID_Y))
 
 
 def pointwise_weight_grad(
@@ -475,19 +431,19 @@ def pointwise_weight_grad(
     M = N * H * W
     if M == 0 or NO == 0 or K == 0:
         return torch.zeros(NO, K, dtype=accumulate, device=x.device)
-    merged, ((g_sn, g_sh, g_sw), (x_sn, x_sh, x_sw)) = _pixel_strides([grad_c, x])
+    merged, ((g_sn, g_sh, g_sw), (x_sn, x_sh, x_sw)) = pixel_strides([grad_c, x])
     for t in (in_scale, in_shift):
         if t is not None and not t.is_contiguous():
             raise ValueError("pointwise: per-channel vectors must be contiguous")
     # The tile count is only an estimate here (the config is not yet chosen); it just sizes how
     # many programs share the pixels.
-    split = _split(triton.cdiv(M, _SMALLEST_WEIGHT_BLOCK_M), triton.cdiv(NO, 64) * triton.cdiv(K, 64), x.device)
+    split = reduction_split(triton.cdiv(M, _SMALLEST_WEIGHT_BLOCK_M), triton.cdiv(NO, 64) * triton.cdiv(K, 64), x.device)
     partial = torch.empty(split, NO, K, dtype=accumulate, device=x.device)
     flags = dict(
         HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_ACTIVATION=int(in_activation),
         PROLOGUE=in_scale is not None or in_shift is not None or int(in_activation) != 0,
         MERGED=merged, TF32=bool(allow_tf32) and x.dtype == torch.float32,
-        INDEX_64=_needs_64bit_index([grad_c, x, partial]), WIDE=x.dtype == torch.float64,
+        INDEX_64=needs_64bit_index([grad_c, x, partial], _INDEX_HEADROOM), WIDE=x.dtype == torch.float64,
     )
     in_scale, in_shift = (t if t is not None else x for t in (in_scale, in_shift))
     # Channel blocks on axis 0, which has no 65535 cap (BLOCK_N may be 16).
