@@ -64,6 +64,28 @@ def conv_epilogue(
     return bn_act(y, scale, shift, activation)
 
 
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, groups=groups) with padding (top, left, bottom, right),
+    then the epilogue act(y * scale + shift). Asymmetric padding goes through F.pad (a copy)."""
+    top, left, bottom, right = padding
+    if (top, left) != (bottom, right):
+        x = F.pad(x, (left, right, top, bottom))
+        top = left = 0
+    y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups=groups)
+    return conv_epilogue(y, scale, shift, activation)
+
+
 def depthwise_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -75,14 +97,8 @@ def depthwise_conv2d(
     shift: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
 ) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, groups=C) with padding (top, left, bottom, right), then the
-    epilogue act(y * scale + shift). Asymmetric padding goes through F.pad (a copy)."""
-    top, left, bottom, right = padding
-    if (top, left) != (bottom, right):
-        x = F.pad(x, (left, right, top, bottom))
-        top = left = 0
-    y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups=x.shape[1])
-    return conv_epilogue(y, scale, shift, activation)
+    """`conv2d` with groups = C: one filter (or m, the depth multiplier) per input channel."""
+    return conv2d(x, weight, bias, stride, padding, dilation, x.shape[1], scale, shift, activation)
 
 
 def pointwise_prologue(

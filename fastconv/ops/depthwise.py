@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from fastconv import reference
 from fastconv._conv_args import (
@@ -34,6 +33,7 @@ from fastconv._validation import (
 )
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
+from fastconv.ops._conv_common import call_key, convolution_backward, epilogue_backward, has_epilogue, in_layout
 
 _LAYOUT = "(N, C, H, W)"
 
@@ -93,18 +93,6 @@ def _new_output(shape, x: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-def _in_layout(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`result` with the layout the kernels give (output_memory_format of x)."""
-    memory_format = output_memory_format(x)
-    return result if result.is_contiguous(memory_format=memory_format) else result.contiguous(memory_format=memory_format)
-
-
-def _call_key(x, weight, *rest) -> tuple:
-    return (tuple(x.shape), x.stride(), tuple(weight.shape), x.dtype, x.device) + tuple(
-        tuple(r) if isinstance(r, (list, tuple)) else (r.dtype if isinstance(r, torch.Tensor) else r) for r in rest
-    )
-
-
 # Backend implementations ------------------------------------------------------------------
 
 
@@ -131,33 +119,16 @@ def _forward_triton(x, weight, bias, stride, padding, dilation, scale, shift, ac
 
 
 def _forward_torch(x, weight, bias, stride, padding, dilation, scale, shift, activation):
-    return _in_layout(reference.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, activation), x)
-
-
-def _convolution_backward(grad_c, x, weight, stride, padding, dilation, output_mask):
-    """ATen's convolution_backward (cuDNN on a GPU); asymmetric padding pads x explicitly.
-
-    Autograd cannot be used in here: an op's implementation runs below the autograd key.
-    """
-    top, left, bottom, right = padding
-    symmetric = (top, left) == (bottom, right)
-    padded = x if symmetric else F.pad(x, (left, right, top, bottom))
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_c, padded, weight, None, list(stride), [top, left] if symmetric else [0, 0], list(dilation),
-        False, [0, 0], x.shape[1], output_mask,
-    )  # fmt: skip
-    if grad_x is not None and not symmetric:
-        grad_x = grad_x[:, :, top : top + x.shape[2], left : left + x.shape[3]]
-    return grad_x, grad_weight
+    return in_layout(reference.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, activation), x)
 
 
 def _grad_input_torch(grad_c, x, weight, stride, padding, dilation):
-    grad_x, _ = _convolution_backward(grad_c, x, weight, stride, padding, dilation, [True, False, False])
-    return _in_layout(grad_x, x)
+    grad_x, _ = convolution_backward(grad_c, x, weight, stride, padding, dilation, x.shape[1], [True, False, False])
+    return in_layout(grad_x, x)
 
 
 def _grad_weight_torch(grad_c, x, weight, stride, padding, dilation):
-    _, grad_weight = _convolution_backward(grad_c, x, weight, stride, padding, dilation, [False, True, False])
+    _, grad_weight = convolution_backward(grad_c, x, weight, stride, padding, dilation, x.shape[1], [False, True, False])
     return grad_weight.contiguous(), grad_c.sum(dim=(0, 2, 3))
 
 
@@ -198,7 +169,7 @@ def depthwise_conv2d_op(
 ) -> torch.Tensor:
     args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), scale, shift, activation)
     _check_forward(*args)
-    return FORWARD(x.device, _call_key(*args), *args)
+    return FORWARD(x.device, call_key(*args), *args)
 
 
 @depthwise_conv2d_op.register_fake
@@ -219,7 +190,7 @@ def depthwise_conv2d_backward_input_op(
     """grad_x of the plain convolution (no epilogue); x gives the shape and layout only."""
     args = (grad_c, x, weight, tuple(stride), tuple(padding), tuple(dilation))
     _check_grad(grad_c, x, weight, _check_conv(x, weight, *args[3:]))
-    return GRAD_INPUT(x.device, _call_key(x, weight, *args[3:]), *args)
+    return GRAD_INPUT(x.device, call_key(x, weight, *args[3:]), *args)
 
 
 @depthwise_conv2d_backward_input_op.register_fake
@@ -240,7 +211,7 @@ def depthwise_conv2d_backward_weight_op(
     """(grad_weight, grad_bias) of the plain convolution; deterministic reductions."""
     args = (grad_c, x, weight, tuple(stride), tuple(padding), tuple(dilation))
     _check_grad(grad_c, x, weight, _check_conv(x, weight, *args[3:]))
-    return GRAD_WEIGHT(x.device, _call_key(x, weight, *args[3:]), *args)
+    return GRAD_WEIGHT(x.device, call_key(x, weight, *args[3:]), *args)
 
 
 @depthwise_conv2d_backward_weight_op.register_fake
@@ -261,26 +232,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.backend = get_backend()
 
 
-def _epilogue_backward(grad_y, x, weight, bias, scale, shift, activation, geometry):
-    """(grad_c, grad_scale, grad_shift): the epilogue's backward, through bn_act's."""
-    c = torch.ops.fastconv.depthwise_conv2d(x, weight, bias, *geometry, None, None, None)
-    channels = weight.shape[0]
-    ones = torch.ones(channels, dtype=torch.float32, device=x.device)
-    scale_ = scale if scale is not None else ones
-    shift_ = shift if shift is not None else torch.zeros_like(scale_)
-    return torch.ops.fastconv.bn_act_backward(grad_y, c, scale_, shift_, activation)
-
-
 def _backward(ctx, grad_y):
     x, weight, bias, scale, shift = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x = grad_weight = grad_bias = grad_scale = grad_shift = None
     with use_backend(ctx.backend):
         grad_c = grad_y
-        if scale is not None or shift is not None or ctx.activation is not None:
-            grad_c, grad_scale, grad_shift = _epilogue_backward(
-                grad_y, x, weight, bias, scale, shift, ctx.activation, ctx.geometry
-            )
+        if has_epilogue(scale, shift, ctx.activation):
+            # Recompute the pre-epilogue conv rather than keep it alive from the forward.
+            c = torch.ops.fastconv.depthwise_conv2d(x, weight, bias, *ctx.geometry, None, None, None)
+            grad_c, grad_scale, grad_shift = epilogue_backward(grad_y, c, scale, shift, ctx.activation)
         if needs[0]:
             grad_x = torch.ops.fastconv.depthwise_conv2d_backward_input(grad_c, x, weight, *ctx.geometry)
         if needs[1] or needs[2]:

@@ -1,0 +1,63 @@
+"""Pieces the convolution ops share: output layout, ATen's backward, the epilogue's backward."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastconv._conv_args import output_memory_format
+
+
+def in_layout(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`result` with the layout the kernels give (output_memory_format of x)."""
+    memory_format = output_memory_format(x)
+    return result if result.is_contiguous(memory_format=memory_format) else result.contiguous(memory_format=memory_format)
+
+
+def call_key(x: torch.Tensor, weight: torch.Tensor, *rest) -> tuple:
+    """What `auto` caches its choice by: shapes, layout, dtypes and the op's options."""
+    return (tuple(x.shape), x.stride(), tuple(weight.shape), x.dtype, x.device) + tuple(
+        tuple(r) if isinstance(r, (list, tuple)) else (r.dtype if isinstance(r, torch.Tensor) else r) for r in rest
+    )
+
+
+def convolution_backward(
+    grad_c: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grad_x, grad_weight) of the plain convolution by ATen's convolution_backward (cuDNN on
+    a GPU). Asymmetric padding, which ATen cannot express, pads x explicitly (a copy).
+
+    Autograd cannot be used in here: an op's implementation runs below the autograd key.
+    """
+    top, left, bottom, right = padding
+    symmetric = (top, left) == (bottom, right)
+    padded = x if symmetric else F.pad(x, (left, right, top, bottom))
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_c, padded, weight, None, list(stride), [top, left] if symmetric else [0, 0], list(dilation),
+        False, [0, 0], groups, output_mask,
+    )  # fmt: skip
+    if grad_x is not None and not symmetric:
+        grad_x = grad_x[:, :, top : top + x.shape[2], left : left + x.shape[3]]
+    return grad_x, grad_weight
+
+
+def has_epilogue(scale, shift, activation) -> bool:
+    return scale is not None or shift is not None or activation is not None
+
+
+def epilogue_backward(grad_y, c, scale, shift, activation):
+    """(grad_c, grad_scale, grad_shift) of y = act(c * scale + shift), through bn_act's backward;
+    an absent scale or shift is 1 or 0."""
+    ones = torch.ones(c.shape[1], dtype=torch.float32, device=c.device)
+    scale_ = scale if scale is not None else ones
+    shift_ = shift if shift is not None else torch.zeros_like(scale_)
+    return torch.ops.fastconv.bn_act_backward(grad_y, c, scale_, shift_, activation)
