@@ -45,9 +45,11 @@ def make_record(env: dict, *, suite, case, dtype, layout, mode, backend, ms,
 
 def write_json(records, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    # Written whole, then renamed: a run killed mid-write leaves the previous file intact.
+    with open(path + ".tmp", "w") as f:
         json.dump(records, f, indent=1, sort_keys=False)
         f.write("\n")
+    os.replace(path + ".tmp", path)
 
 
 def read_json(path: str):

@@ -127,6 +127,9 @@ def main(argv=None) -> int:
                 bar.write(f"FAILED {msg}\n{traceback.format_exc()}")
         finally:
             _free(device)
+        # Records so far, after every case: a run killed by its caller's timeout (a long
+        # max-autotune compile past --time-budget) still leaves what it measured.
+        _write_records(records, out, args.single_file, names)
         bar.update(1)
     bar.close()
     if skipped:
@@ -151,7 +154,7 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def _write(records, ctx, out, single_file, names):
+def _write_records(records, out, single_file, names):
     os.makedirs(out, exist_ok=True)
     if single_file:
         write_json(records, os.path.join(out, "records.json"))
@@ -160,6 +163,10 @@ def _write(records, ctx, out, single_file, names):
             recs = [r for r in records if r["suite"] == name]
             if recs:
                 write_json(recs, os.path.join(out, f"{name}.json"))
+
+
+def _write(records, ctx, out, single_file, names):
+    _write_records(records, out, single_file, names)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(report.summary_markdown(records, ctx.env, ctx.notes))
     png = report.plot_speedups(records, os.path.join(out, "speedup.png"))

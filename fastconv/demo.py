@@ -73,6 +73,22 @@ def _pointwise_cases(device: torch.device):
             yield "pointwise bn-relu", dtype, layout, ours, theirs, (x, weight, scale, shift, in_scale, in_shift)
 
 
+def _conv_bn_act_cases(device: torch.device):
+    for dtype in (torch.float32, torch.float16):
+        for layout, arrange in _LAYOUTS.items():
+            x = arrange(torch.randn(2, 3, 15, 13, device=device)).to(dtype)  # MobileNet's stem, small
+            weight = (torch.randn(16, 3, 3, 3, device=device) / 5).to(dtype)
+            scale, shift = torch.randn(16, device=device) * 0.5 + 1, torch.randn(16, device=device)
+
+            def ours(x, weight, scale, shift):
+                return fastconv.conv2d_bn_act(x, weight, None, 2, 1, scale=scale, shift=shift, activation="relu6")
+
+            def theirs(x, weight, scale, shift):
+                return reference.conv2d(x, weight, None, (2, 2), (1, 1, 1, 1), (1, 1), 1, scale, shift, "relu6")
+
+            yield "conv 3x3 s2 bn", dtype, layout, ours, theirs, (x, weight, scale, shift)
+
+
 def correctness_demo() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"fastconv {fastconv.__version__}, torch {torch.__version__}, device {device}")
@@ -84,7 +100,7 @@ def correctness_demo() -> int:
     print()
     print(f"{'op':18s} {'backend':8s} {'dtype':9s} {'layout':14s} {'max error':>10s} {'allowed':>9s}  verdict")
     failures = 0
-    cases = (*_bn_act_cases(device), *_depthwise_cases(device), *_pointwise_cases(device))
+    cases = (*_bn_act_cases(device), *_depthwise_cases(device), *_pointwise_cases(device), *_conv_bn_act_cases(device))
     for op, dtype, layout, ours, theirs, args in cases:
         expected = theirs(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
         magnitude = max(1.0, expected.abs().max().item())

@@ -139,3 +139,65 @@ def pointwise_conv2d(
     if activation_after_residual:
         z = apply_activation(z, activation)
     return z.to(x.dtype)
+
+
+def batch_norm_stats(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel of c (N, C, H, W) over N, H and W, in float32 (float64
+    for float64 c); NaN for both when N*H*W == 0, as torch.var_mean gives (without its warning)."""
+    dtype = _compute_dtype(c)
+    if c.shape[0] * c.shape[2] * c.shape[3] == 0:
+        nan = torch.full((c.shape[1],), float("nan"), dtype=dtype, device=c.device)
+        return nan, nan.clone()
+    var, mean = torch.var_mean(c.to(dtype), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def batch_norm_scale_shift(
+    mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) = (w * invstd, b - mean * scale) in invstd's dtype; w = 1, b = 0 if None.
+
+    A training BatchNorm's forward (bn_act with these) and its backward must both use this, so
+    that z = c * scale + shift is the same number in both and the activation's kinks agree."""
+    dtype = invstd.dtype
+    w = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
+    b = bias.to(dtype) if bias is not None else torch.zeros_like(invstd)
+    scale = w * invstd
+    return scale, b - mean.to(dtype) * scale
+
+
+def batch_norm_act_backward(
+    grad_y: torch.Tensor,
+    c: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    activation: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_c, grad_weight, grad_bias) of y = act((c - mean) * invstd * w + b) in training mode,
+    where mean and invstd are c's own batch statistics (w = 1, b = 0 when None).
+
+    With scale = w * invstd, shift = b - mean * scale, z = c * scale + shift, g = grad_y * act'(z)
+    and R = N*H*W, per channel Sg = sum(g) and Sgx = sum(g * (c - mean)):
+    grad_weight = invstd * Sgx, grad_bias = Sg (in the compute dtype), and
+    grad_c = scale * (g - Sg / R - (c - mean) * invstd**2 * Sgx / R) in c's dtype.
+    """
+    dtype = _compute_dtype(c)
+    channels = c.shape[1]
+    pixels = c.shape[0] * c.shape[2] * c.shape[3]
+    if pixels == 0:
+        zeros = torch.zeros(channels, dtype=dtype, device=c.device)
+        return torch.empty_like(c), zeros, zeros.clone()
+    mean, invstd = mean.to(dtype), invstd.to(dtype)
+    scale, shift = batch_norm_scale_shift(mean, invstd, weight, bias)
+    c_wide = c.to(dtype)
+    z = c_wide * _per_channel(scale, dtype) + _per_channel(shift, dtype)
+    g = grad_y.to(dtype) * activation_derivative(z, activation)
+    centered = c_wide - _per_channel(mean, dtype)
+    sum_g = g.sum(dim=(0, 2, 3))
+    sum_gx = (g * centered).sum(dim=(0, 2, 3))
+    mean_g = _per_channel(sum_g / pixels, dtype)
+    coef = _per_channel(invstd * invstd * sum_gx / pixels, dtype)
+    grad_c = (_per_channel(scale, dtype) * (g - mean_g - centered * coef)).to(c.dtype)
+    return grad_c, invstd * sum_gx, sum_g

@@ -80,6 +80,21 @@ def test_from_modules_shares_state_and_refuses_other_activations():
         BatchNormAct2d(3, "tanh")
 
 
+def test_eval_fold_is_cached_until_a_statistic_changes():
+    bn = BatchNormAct2d(8, "relu").eval()
+    reference = nn.BatchNorm2d(8).eval()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        first = bn.folded_scale_shift()
+        assert bn.folded_scale_shift()[0] is first[0]  # reused
+        for module in (bn, reference):
+            module.running_var.mul_(4)  # in place: the version counter moves
+            module.running_mean.add_(1)
+        torch.testing.assert_close(bn(x), torch.relu(reference(x)))
+        bn.load_state_dict(nn.BatchNorm2d(8).state_dict())
+        torch.testing.assert_close(bn(x), torch.relu(nn.BatchNorm2d(8).eval()(x)))
+
+
 def test_eval_rejects_non_4d_input_like_batchnorm2d():
     fused = BatchNormAct2d(3).eval()
     with pytest.raises(ValueError, match="expected 4D input"):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastconv.activations import activation_code, apply_activation
+from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.ops.bn_act import bn_act
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Identity: None}
@@ -38,6 +39,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         activation_code(activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.activation = activation
+        self._fold_cache = DerivedTensorCache()
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, act: Optional[nn.Module] = None) -> "BatchNormAct2d":
@@ -57,9 +59,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
     def folded_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) with bn(x) == x * scale + shift under the running statistics.
 
-        Recomputed each call: it is a few C-element ops, and differentiable, so that eval-mode
-        fine-tuning of weight and bias still gets gradients.
+        Cached until a source tensor changes (DerivedTensorCache); recomputed differentiably
+        when gradients are wanted, so that eval-mode fine-tuning of weight and bias works.
         """
+        sources = (self.weight, self.bias, self.running_mean, self.running_var)
+        return self._fold_cache.get(sources, (self.eps,), self._fold)
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.rsqrt(self.running_var + self.eps)
         shift = -self.running_mean * scale
         if self.affine:

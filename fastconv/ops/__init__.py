@@ -1,8 +1,10 @@
 """The fastconv ops: each module defines its `torch.ops.fastconv.*` schemas once, with fake,
 autograd and per-backend implementations beside them."""
 
+from fastconv.ops import batch_norm  # noqa: F401  (registers the training BatchNorm ops)
 from fastconv.ops.bn_act import bn_act
+from fastconv.ops.conv_bn_act import conv2d_bn_act
 from fastconv.ops.depthwise import depthwise_conv2d
 from fastconv.ops.pointwise import pointwise_conv2d
 
-__all__ = ["bn_act", "depthwise_conv2d", "pointwise_conv2d"]
+__all__ = ["bn_act", "conv2d_bn_act", "depthwise_conv2d", "pointwise_conv2d"]

@@ -57,7 +57,8 @@ def has_epilogue(scale, shift, activation) -> bool:
 def epilogue_backward(grad_y, c, scale, shift, activation):
     """(grad_c, grad_scale, grad_shift) of y = act(c * scale + shift), through bn_act's backward;
     an absent scale or shift is 1 or 0."""
-    ones = torch.ones(c.shape[1], dtype=torch.float32, device=c.device)
-    scale_ = scale if scale is not None else ones
+    given = scale if scale is not None else shift
+    dtype = given.dtype if given is not None else torch.float32  # bn_act wants both in one dtype
+    scale_ = scale if scale is not None else torch.ones(c.shape[1], dtype=dtype, device=c.device)
     shift_ = shift if shift is not None else torch.zeros_like(scale_)
     return torch.ops.fastconv.bn_act_backward(grad_y, c, scale_, shift_, activation)

@@ -1,0 +1,228 @@
+"""ConvBNAct2d: Conv2d -> BatchNorm2d -> activation as one fused unit, in training and in eval.
+
+It is an ``nn.Sequential(Conv2d, BatchNorm2d[, activation])``, laid out exactly as torchvision's
+``Conv2dNormActivation``, so the state_dict keys match (``0.weight``, ``1.weight``, ``1.bias``,
+``1.running_mean``, ``1.running_var``, ``1.num_batches_tracked``) and pretrained weights load
+unchanged. Only `forward` differs:
+
+* **eval** (the BatchNorm's own mode): the running statistics are folded into the conv weight
+  and a per-channel shift, once, and the folded pair is cached until any of the tensors it came
+  from changes (`DerivedTensorCache`: version counters, addresses, dtypes, identities), so an
+  optimizer step, `load_state_dict` and `.to()` all invalidate it with nothing for the user
+  to remember. Then one conv kernel with a shift + activation epilogue.
+* **train**: exact BatchNorm2d training semantics (batch statistics, biased variance to
+  normalise, unbiased for the running update, momentum or the cumulative average when momentum
+  is None, num_batches_tracked). The conv's epilogue computes the batch statistics as it writes
+  c; one more pass normalises and applies the activation; the backward is one reduction and
+  one elementwise pass (fastconv.ops.batch_norm) before the conv's backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from fastconv._conv_args import positive_pair
+from fastconv._validation import fail
+from fastconv.activations import activation_code
+from fastconv.nn._fold_cache import DerivedTensorCache
+from fastconv.ops.conv_bn_act import autocast_inputs, conv_with_batch_stats, normalise_geometry, routed_conv2d_bn_act
+
+_ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
+_ACTIVATION_NAMES = {module: name for name, module in _ACTIVATION_MODULES.items()}
+
+
+def _activation_name(act: Union[None, str, nn.Module]) -> Optional[str]:
+    if act is None or isinstance(act, str):
+        activation_code(act)
+        return act
+    if type(act) is nn.Identity:
+        return None
+    if type(act) not in _ACTIVATION_NAMES:
+        names = ", ".join(m.__name__ for m in _ACTIVATION_NAMES) + ", Identity"
+        fail(f"act must be one of {names}, an activation name or None; got {type(act).__name__}")
+    return _ACTIVATION_NAMES[type(act)]
+
+
+def _check_bn_arguments(eps, momentum) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        fail(f"eps must be a finite number > 0; got {eps!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1):
+        fail(f"momentum must be a number in [0, 1], or None for a cumulative average; got {momentum!r}")
+
+
+class ConvBNAct2d(nn.Sequential):
+    """A drop-in for torchvision's ``Conv2dNormActivation`` with BatchNorm2d (and ReLU, ReLU6,
+    SiLU, Hardswish or no activation), fused by fastconv.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, groups, dilation, bias: as nn.Conv2d.
+        padding: as nn.Conv2d; None gives torchvision's default, (kernel_size - 1) // 2 * dilation.
+        activation: "relu6" (MobileNet's), "relu", "silu", "hardswish" or None.
+        eps, momentum: as nn.BatchNorm2d (momentum None: a cumulative moving average).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=None,
+        groups: int = 1,
+        dilation=1,
+        activation: Optional[str] = "relu6",
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(f"{name} must be an int >= 1; got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            fail(
+                f"in_channels and out_channels must be divisible by groups; got in_channels={in_channels}, "
+                f"out_channels={out_channels}, groups={groups}"
+            )
+        kernel = positive_pair(kernel_size, "kernel_size")
+        dilation_ = positive_pair(dilation, "dilation")
+        if padding is None:
+            padding = tuple((k - 1) // 2 * d for k, d in zip(kernel, dilation_))
+        _check_bn_arguments(eps, momentum)
+        activation_code(activation)
+        factory = dict(device=device, dtype=dtype)
+        layers = [
+            nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation_, groups, bias, **factory),
+            nn.BatchNorm2d(out_channels, eps, momentum, **factory),
+        ]
+        if activation is not None:
+            layers.append(_ACTIVATION_MODULES[activation](inplace=True))  # torchvision's choice
+        super().__init__(*layers)
+        self.activation = activation
+        self._fold_cache = DerivedTensorCache()
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Union[None, str, nn.Module] = None) -> "ConvBNAct2d":
+        """A ConvBNAct2d around existing modules, sharing (not copying) their parameters.
+
+        `act` is an activation module (ReLU, ReLU6, SiLU, Hardswish, Identity), a name, or None.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            fail(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            fail(f"conv.padding_mode must be 'zeros'; got {conv.padding_mode!r}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            fail(f"bn must be an nn.BatchNorm2d; got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            fail(f"bn.num_features must equal conv.out_channels={conv.out_channels}; got {bn.num_features}")
+        activation = _activation_name(act)
+        layers = [conv, bn]
+        if isinstance(act, nn.Module):
+            layers.append(act)
+        elif activation is not None:
+            layers.append(_ACTIVATION_MODULES[activation](inplace=True))
+        fused = cls.__new__(cls)
+        nn.Sequential.__init__(fused, *layers)
+        fused.activation = activation
+        fused._fold_cache = DerivedTensorCache()
+        fused.train(conv.training)
+        return fused
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        if conv.padding_mode != "zeros":
+            fail(f"the conv's padding_mode must be 'zeros'; got {conv.padding_mode!r}")
+        stride, padding, dilation = normalise_geometry(conv.weight, conv.stride, conv.padding, conv.dilation)
+        # BatchNorm2d's rule: batch statistics in training, and whenever there are no running ones.
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return self._forward_batch_stats(x, stride, padding, dilation)
+        weight, shift = self.folded_weight_and_shift()
+        x, weight, _ = autocast_inputs(x, weight, None)
+        return routed_conv2d_bn_act(x, weight, None, stride, padding, dilation, conv.groups, None, shift, self.activation)
+
+    def _forward_batch_stats(self, x, stride, padding, dilation) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            fail(f"x must be a 4-D tensor (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
+        x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
+        c, mean, var = conv_with_batch_stats(x, weight, bias, stride, padding, dilation, conv.groups)
+        count = c.shape[0] * c.shape[2] * c.shape[3]
+        if bn.training and count == 1:
+            fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        invstd = torch.rsqrt(var + bn.eps)
+        y = torch.ops.fastconv.batch_norm_act(c, mean, invstd, bn.weight, bn.bias, self.activation)
+        if bn.training and bn.track_running_stats:
+            self._update_running_stats(mean, var, count)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """BatchNorm2d's update: unbiased variance, momentum or the cumulative average."""
+        bn = self[1]
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        if count == 0:
+            return  # BatchNorm2d leaves the running statistics alone for an empty batch
+        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
+        unbiased = var * (count / (count - 1))
+        bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
+        bn.running_var.mul_(1 - factor).add_((unbiased * factor).to(bn.running_var.dtype))
+
+    # -- eval: folding -----------------------------------------------------------------------
+
+    def _fold_sources(self) -> tuple:
+        conv, bn = self[0], self[1]
+        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, bn = self[0], self[1]
+        wide = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(wide)
+        shift = -bn.running_mean.to(wide)
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(wide)
+        shift = shift * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(wide)
+        # The shift stays in float32: the epilogue takes it so, and it holds the large
+        # running-mean offsets that half precision would round.
+        weight = (conv.weight.to(wide) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        return weight, shift
+
+    def folded_weight_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, shift): conv(x, weight) + shift == bn(conv(x)) under the running statistics,
+        cached until any tensor it comes from changes (see DerivedTensorCache)."""
+        return self._fold_cache.get(self._fold_sources(), (self[1].eps,), self._fold)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+def convert_conv_bn_act(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ``nn.Sequential(Conv2d, BatchNorm2d[, activation])`` (such as
+    torchvision's Conv2dNormActivation) by a ConvBNAct2d sharing its modules. State_dict keys
+    do not change. Returns the model."""
+    for name, child in model.named_children():
+        if _is_conv_bn_act(child):
+            setattr(model, name, ConvBNAct2d.from_modules(*child))
+        else:
+            convert_conv_bn_act(child)
+    return model
+
+
+def _is_conv_bn_act(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Sequential) or isinstance(module, ConvBNAct2d) or len(module) not in (2, 3):
+        return False
+    conv, bn = module[0], module[1]
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or type(bn) is not nn.BatchNorm2d:
+        return False
+    return len(module) == 2 or type(module[2]) in _ACTIVATION_NAMES or type(module[2]) is nn.Identity

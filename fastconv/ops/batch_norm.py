@@ -1,0 +1,194 @@
+"""Training-mode BatchNorm + activation, as the second half of a fused conv -> BN -> act unit.
+
+    mean, var = fastconv::batch_norm_stats(c)        (or the conv epilogue's statistics)
+    y = fastconv::batch_norm_act(c, mean, invstd, weight, bias, activation)
+      = act((c - mean) * invstd * weight + bias)
+
+The forward is bn_act's kernel with scale = weight * invstd and shift = bias - mean * scale:
+one read of c and one write of y. Its backward, fastconv::batch_norm_act_backward, is the
+whole training-mode gradient, through the activation, the affine and the batch statistics:
+
+    g = grad_y * act'(z);  Sg = sum g;  Sgx = sum g * (c - mean)          (one reduction pass)
+    grad_c = weight * invstd * (g - Sg / R - (c - mean) * invstd^2 * Sgx / R)   (one elementwise pass)
+
+so it reads grad_y and c twice and writes grad_c once, where eager PyTorch's activation backward
+then BatchNorm backward read and write the activation-sized tensors about eight times.
+
+`mean` and `invstd` must be the batch statistics of `c` itself: the backward differentiates
+through them, so they take no gradient of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastconv import reference
+from fastconv._validation import check_channel_vector, check_float_dtype, check_rank, check_same_device, check_shape, fail
+from fastconv.activations import activation_code
+from fastconv.backends import OpImplementations, get_backend, use_backend
+
+_LAYOUT = "(N, C, H, W)"
+
+
+def _wide(c: torch.Tensor) -> torch.dtype:
+    return torch.float64 if c.dtype == torch.float64 else torch.float32
+
+
+def _check_c(c: torch.Tensor) -> None:
+    check_rank(c, "c", 4, _LAYOUT)
+    check_float_dtype(c, "c")
+
+
+def _check(c, mean, invstd, weight, bias, activation) -> None:
+    _check_c(c)
+    channels = c.shape[1]
+    for name, stats in (("mean", mean), ("invstd", invstd)):
+        check_same_device(name, stats, "c", c)
+        check_shape(stats, name, (channels,))
+        if stats.dtype != _wide(c):
+            fail(f"{name} must have dtype {_wide(c)} (the statistics' precision); got {stats.dtype}")
+    check_channel_vector(weight, "weight", channels, c)
+    check_channel_vector(bias, "bias", channels, c)
+    activation_code(activation)
+
+
+def _call_key(c: torch.Tensor, *rest) -> tuple:
+    return (tuple(c.shape), c.stride(), c.dtype, c.device) + tuple(r.dtype if isinstance(r, torch.Tensor) else r for r in rest)
+
+
+# Backend implementations --------------------------------------------------------------------
+
+
+def _stats_torch(c):
+    mean, var = reference.batch_norm_stats(c)
+    return mean.to(_wide(c)), var.to(_wide(c))
+
+
+def _stats_triton(c):
+    from fastconv.triton_kernels.batch_norm import channel_stats
+
+    return channel_stats(c)
+
+
+def _backward_torch(grad_y, c, mean, invstd, weight, bias, activation):
+    grad_c, grad_weight, grad_bias = reference.batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, activation)
+    like_c = torch.empty_like(c)
+    grad_c = grad_c if grad_c.stride() == like_c.stride() else like_c.copy_(grad_c)
+    return grad_c, grad_weight.to(_wide(c)), grad_bias.to(_wide(c))
+
+
+def _backward_triton(grad_y, c, mean, invstd, weight, bias, activation):
+    from fastconv.triton_kernels.batch_norm import batch_norm_act_backward
+
+    weight, bias = (v.contiguous() if v is not None else None for v in (weight, bias))
+    return batch_norm_act_backward(grad_y, c, mean.contiguous(), invstd.contiguous(), weight, bias, activation_code(activation))
+
+
+STATS = OpImplementations("batch_norm_stats")
+STATS.register("triton", _stats_triton)
+STATS.register("torch", _stats_torch)
+
+BACKWARD = OpImplementations("batch_norm_act_backward")
+BACKWARD.register("triton", _backward_triton)
+BACKWARD.register("torch", _backward_torch)
+
+
+# Registered ops -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastconv::batch_norm_stats", mutates_args=())
+def batch_norm_stats_op(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of c over (N, H, W), in float32 (float64 for
+    float64 c); deterministic, and stable when |mean| >> std. NaN for an empty batch."""
+    _check_c(c)
+    if c.shape[0] * c.shape[2] * c.shape[3] == 0:
+        nan = torch.full((c.shape[1],), float("nan"), dtype=_wide(c), device=c.device)
+        return nan, nan.clone()
+    return STATS(c.device, _call_key(c), c)
+
+
+@batch_norm_stats_op.register_fake
+def _(c):
+    _check_c(c)
+    return c.new_empty(c.shape[1], dtype=_wide(c)), c.new_empty(c.shape[1], dtype=_wide(c))
+
+
+@torch.library.custom_op("fastconv::batch_norm_act", mutates_args=())
+def batch_norm_act_op(
+    c: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    activation: Optional[str],
+) -> torch.Tensor:
+    _check(c, mean, invstd, weight, bias, activation)
+    scale, shift = reference.batch_norm_scale_shift(mean, invstd, weight, bias)
+    if c.dtype != torch.float64:
+        scale, shift = scale.float(), shift.float()
+    return torch.ops.fastconv.bn_act(c, scale, shift, activation)
+
+
+@batch_norm_act_op.register_fake
+def _(c, mean, invstd, weight, bias, activation):
+    _check(c, mean, invstd, weight, bias, activation)
+    return torch.empty_like(c)
+
+
+@torch.library.custom_op("fastconv::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward_op(
+    grad_y: torch.Tensor,
+    c: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    activation: Optional[str],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_c, grad_weight, grad_bias); the parameter grads in the statistics' precision."""
+    _check(c, mean, invstd, weight, bias, activation)
+    check_same_device("grad_y", grad_y, "c", c)
+    check_shape(grad_y, "grad_y", c.shape)
+    if grad_y.dtype != c.dtype:
+        fail(f"grad_y must have c's dtype {c.dtype}; got {grad_y.dtype}")
+    if c.numel() == 0:
+        zeros = torch.zeros(c.shape[1], dtype=_wide(c), device=c.device)
+        return torch.empty_like(c), zeros, zeros.clone()
+    args = (grad_y, c, mean, invstd, weight, bias, activation)
+    return BACKWARD(c.device, _call_key(c, grad_y.stride(), weight, bias, activation), *args)
+
+
+@batch_norm_act_backward_op.register_fake
+def _(grad_y, c, mean, invstd, weight, bias, activation):
+    _check(c, mean, invstd, weight, bias, activation)
+    wide = _wide(c)
+    return torch.empty_like(c), c.new_empty(c.shape[1], dtype=wide), c.new_empty(c.shape[1], dtype=wide)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    c, mean, invstd, weight, bias, activation = inputs
+    ctx.save_for_backward(c, mean, invstd, weight, bias)
+    ctx.activation = activation
+    ctx.backend = get_backend()  # autograd's CUDA worker thread does not see use_backend()
+
+
+def _backward(ctx, grad_y):
+    c, mean, invstd, weight, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    with use_backend(ctx.backend):
+        grad_c, grad_weight, grad_bias = torch.ops.fastconv.batch_norm_act_backward(
+            grad_y, c, mean, invstd, weight, bias, ctx.activation
+        )
+    return (
+        grad_c if needs[0] else None,
+        None,  # mean and invstd: their effect is already in grad_c
+        None,
+        grad_weight.to(weight.dtype) if needs[3] else None,
+        grad_bias.to(bias.dtype) if needs[4] else None,
+        None,
+    )
+
+
+batch_norm_act_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,386 @@
+"""fastconv::conv2d_bn_act: any 2-D convolution with a fused BatchNorm + activation epilogue.
+
+    y = act((F.conv2d(x, weight, bias, stride, padding, dilation, groups) * scale + shift))
+
+`conv2d_bn_act` routes each call to the kernel built for its shape:
+
+* depthwise (groups == C_in > 1)  -> fastconv::depthwise_conv2d, a direct-loop kernel;
+* 1x1, stride 1, no padding       -> fastconv::pointwise_conv2d, one GEMM over pixels;
+* anything else                   -> fastconv::conv2d_bn_act, an implicit GEMM
+  (M = N*Ho*Wo pixels, K = C_in/groups*kh*kw, N = C_out/groups per group).
+
+For training, fastconv::conv2d_batch_stats is the same implicit GEMM without the epilogue whose
+kernels also return the per-channel batch mean and biased variance of what they wrote, so that
+BatchNorm's statistics cost no extra read of the activation (`conv_with_batch_stats` routes the
+same way, with a separate statistics pass after the depthwise and pointwise kernels).
+
+Backward: the epilogue's through bn_act's backward (recomputing the pre-epilogue conv rather
+than keeping it alive), then grad_input and grad_weight by ATen's convolution_backward, which
+is cuDNN's implicit GEMMs on a GPU. Whether an own implicit-GEMM backward would beat cuDNN's
+is unmeasured: no GPU has run this code yet (benchmarks/NOTES.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fastconv import reference
+from fastconv._conv_args import (
+    check_kernel_arguments,
+    output_memory_format,
+    output_size,
+    padding_4,
+    positive_pair,
+)
+from fastconv._validation import (
+    check_channel_vector,
+    check_float_dtype,
+    check_rank,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    fail,
+)
+from fastconv.activations import activation_code
+from fastconv.backends import OpImplementations, get_backend, use_backend
+from fastconv.ops._conv_common import call_key, convolution_backward, epilogue_backward, has_epilogue, in_layout
+
+_LAYOUT = "(N, C, H, W)"
+
+
+# Checks ---------------------------------------------------------------------------------------
+
+
+def _check_conv(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, int]:
+    """Checks x, weight, bias and the geometry; returns the output size (Ho, Wo)."""
+    check_rank(x, "x", 4, _LAYOUT)
+    check_float_dtype(x, "x")
+    check_same_device("weight", weight, "x", x)
+    check_same_dtype("weight", weight, "x", x)
+    if weight.dim() != 4:
+        fail(f"weight must have shape (C_out, C_in / groups, kh, kw); got {tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        fail(f"groups must be an int >= 1; got {groups!r}")
+    in_channels, out_channels = x.shape[1], weight.shape[0]
+    if in_channels % groups != 0:
+        fail(f"x's channels must be divisible by groups; got in_channels={in_channels} and groups={groups}")
+    if out_channels == 0 or out_channels % groups != 0:
+        fail(f"weight.shape[0] (out_channels) must be a positive multiple of groups={groups}; got {out_channels}")
+    if weight.shape[1] != in_channels // groups:
+        fail(
+            f"weight.shape[1] must be in_channels / groups = {in_channels} / {groups} = {in_channels // groups}; "
+            f"got {weight.shape[1]}"
+        )
+    if min(weight.shape[2:]) < 1:
+        fail(f"weight's kernel size must be >= 1; got {tuple(weight.shape[2:])}")
+    check_kernel_arguments(stride, padding, dilation)
+    height, width = output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
+    if height < 1 or width < 1:
+        fail(
+            f"the output size must be >= 1; got ({height}, {width}) for input {tuple(x.shape[2:])}, kernel "
+            f"{tuple(weight.shape[2:])}, stride {tuple(stride)}, padding {tuple(padding)}, dilation {tuple(dilation)}"
+        )
+    if bias is not None:
+        check_same_device("bias", bias, "x", x)
+        check_same_dtype("bias", bias, "x", x)
+        check_shape(bias, "bias", (out_channels,))
+    return height, width
+
+
+def _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation) -> tuple[int, int]:
+    size = _check_conv(x, weight, bias, stride, padding, dilation, groups)
+    for name, vector in (("scale", scale), ("shift", shift)):
+        check_channel_vector(vector, name, weight.shape[0], x, per="output channel")
+    activation_code(activation)
+    return size
+
+
+def _new_output(x, weight, size) -> torch.Tensor:
+    shape = (x.shape[0], weight.shape[0], *size)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _stats_like(x, weight) -> torch.Tensor:
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty(weight.shape[0], dtype=wide, device=x.device)
+
+
+def _allow_tf32() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+
+
+# Backend implementations ------------------------------------------------------------------------
+
+
+def _cuda_supports(x, *rest) -> Optional[str]:
+    if x.dtype == torch.float64:
+        return "its kernels take float32, float16 and bfloat16; got float64"
+    if x.dtype == torch.float32 and not _allow_tf32():
+        return "its float32 path runs on TF32 tensor cores, and TF32 is not allowed (torch.backends.*.allow_tf32)"
+    return None
+
+
+def _forward_cuda(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    out, _, _ = torch.ops.fastconv_cuda.conv_forward(
+        x, weight, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), False,
+        _allow_tf32(),
+    )  # fmt: skip
+    return out
+
+
+def _forward_triton(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    from fastconv.triton_kernels.conv_gemm import conv_gemm
+
+    out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
+    vectors = [v.contiguous() if v is not None else None for v in (bias, scale, shift)]
+    out, _, _ = conv_gemm(
+        x, weight, out, vectors[0], stride, padding, dilation, groups, vectors[1], vectors[2],
+        activation_code(activation), False, _allow_tf32(),
+    )  # fmt: skip
+    return out
+
+
+def _forward_torch(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    return in_layout(reference.conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation), x)
+
+
+def _stats_cuda(x, weight, bias, stride, padding, dilation, groups):
+    return tuple(
+        torch.ops.fastconv_cuda.conv_forward(
+            x, weight, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32()
+        )
+    )
+
+
+def _stats_triton(x, weight, bias, stride, padding, dilation, groups):
+    from fastconv.triton_kernels.conv_gemm import conv_gemm
+
+    out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
+    bias = bias.contiguous() if bias is not None else None
+    return conv_gemm(x, weight, out, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32())
+
+
+def _stats_torch(x, weight, bias, stride, padding, dilation, groups):
+    c = _forward_torch(x, weight, bias, stride, padding, dilation, groups, None, None, None)
+    mean, var = reference.batch_norm_stats(c)
+    return c, mean, var
+
+
+FORWARD = OpImplementations("conv2d_bn_act")
+FORWARD.register("cuda", _forward_cuda, _cuda_supports)
+FORWARD.register("triton", _forward_triton)
+FORWARD.register("torch", _forward_torch)
+
+WITH_STATS = OpImplementations("conv2d_batch_stats")
+WITH_STATS.register("cuda", _stats_cuda, _cuda_supports)
+WITH_STATS.register("triton", _stats_triton)
+WITH_STATS.register("torch", _stats_torch)
+
+
+# Registered ops --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastconv::conv2d_bn_act", mutates_args=())
+def conv2d_bn_act_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    activation: Optional[str],
+) -> torch.Tensor:
+    """The implicit-GEMM convolution with its epilogue; padding is (top, left, bottom, right)."""
+    args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, scale, shift, activation)
+    _check_forward(*args)
+    if x.shape[0] == 0:
+        return _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), *args[3:6]))
+    return FORWARD(x.device, call_key(*args), *args)
+
+
+@conv2d_bn_act_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    size = _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation)
+    return _new_output(x, weight, size)
+
+
+@torch.library.custom_op("fastconv::conv2d_batch_stats", mutates_args=())
+def conv2d_batch_stats_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c, mean, var): the convolution, and its per-output-channel batch mean and biased variance
+    over (N, Ho, Wo), in float32 (float64 for float64 inputs), of c's stored values."""
+    args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    size = _check_conv(*args)
+    if x.shape[0] == 0:
+        nan = _stats_like(x, weight).fill_(float("nan"))  # torch.var_mean's answer for no values
+        return _new_output(x, weight, size), nan, nan.clone()
+    return WITH_STATS(x.device, call_key(*args), *args)
+
+
+@conv2d_batch_stats_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    size = _check_conv(x, weight, bias, stride, padding, dilation, groups)
+    return _new_output(x, weight, size), _stats_like(x, weight), _stats_like(x, weight)
+
+
+# Autograd ----------------------------------------------------------------------------------------
+
+
+def _setup_forward(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, dilation, groups, scale, shift, activation = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift)
+    ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    ctx.activation = activation
+    ctx.backend = get_backend()  # autograd's CUDA worker thread does not see use_backend()
+
+
+def _conv_grads(ctx, grad_c, x, weight, bias, needs) -> tuple:
+    """(grad_x, grad_weight, grad_bias) of the plain convolution."""
+    stride, padding, dilation, groups = ctx.geometry
+    grad_x, grad_weight = convolution_backward(
+        grad_c, x, weight, stride, padding, dilation, groups, [needs[0], needs[1], False]
+    )
+    grad_bias = grad_c.sum(dim=(0, 2, 3)) if bias is not None and needs[2] else None
+    return (in_layout(grad_x, x) if grad_x is not None else None), grad_weight, grad_bias
+
+
+def _backward_forward(ctx, grad_y):
+    x, weight, bias, scale, shift = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_scale = grad_shift = None
+    with use_backend(ctx.backend):
+        grad_c = grad_y
+        if has_epilogue(scale, shift, ctx.activation):
+            c = torch.ops.fastconv.conv2d_bn_act(x, weight, bias, *ctx.geometry, None, None, None)
+            grad_c, grad_scale, grad_shift = epilogue_backward(grad_y, c, scale, shift, ctx.activation)
+        grad_x, grad_weight, grad_bias = _conv_grads(ctx, grad_c, x, weight, bias, needs)
+    return (
+        grad_x, grad_weight, grad_bias, None, None, None, None,
+        grad_scale if needs[7] else None, grad_shift if needs[8] else None, None,
+    )  # fmt: skip
+
+
+conv2d_bn_act_op.register_autograd(_backward_forward, setup_context=_setup_forward)
+
+
+def _setup_stats(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
+    ctx.backend = get_backend()
+    # The statistics carry no gradient of their own: the training BatchNorm's backward
+    # (fastconv::batch_norm_act_backward) differentiates through them into grad_c.
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_stats(ctx, grad_c, _grad_mean, _grad_var):
+    x, weight, bias = ctx.saved_tensors
+    with use_backend(ctx.backend):
+        grad_x, grad_weight, grad_bias = _conv_grads(ctx, grad_c, x, weight, bias, ctx.needs_input_grad)
+    return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+conv2d_batch_stats_op.register_autograd(_backward_stats, setup_context=_setup_stats)
+
+
+# Routing and the public function ---------------------------------------------------------------
+
+
+def route(in_channels: int, weight_shape: Sequence[int], stride, padding, groups: int) -> str:
+    """Which kernel serves a convolution: "depthwise", "pointwise" or "gemm"."""
+    if groups == in_channels > 1:
+        return "depthwise"
+    if groups == 1 and tuple(weight_shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and not any(padding):
+        return "pointwise"
+    return "gemm"
+
+
+def routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation) -> torch.Tensor:
+    """conv2d_bn_act with normalised arguments (padding as four numbers), on its kernel."""
+    ops = torch.ops.fastconv
+    kind = route(x.shape[1], weight.shape, stride, padding, groups) if x.dim() == 4 and weight.dim() == 4 else "gemm"
+    if kind == "depthwise":
+        return ops.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, activation)
+    if kind == "pointwise":
+        return ops.pointwise_conv2d(x, weight, bias, scale, shift, activation, None, False, None, None, None)
+    return ops.conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation)
+
+
+def conv_with_batch_stats(x, weight, bias, stride, padding, dilation, groups) -> tuple:
+    """(c, mean, var) of the convolution, with normalised arguments (padding as four numbers).
+
+    The implicit GEMM computes the statistics in its epilogue; after the depthwise and pointwise
+    kernels a separate pass reads c once more (fastconv::batch_norm_stats).
+    """
+    if x.dim() == 4 and weight.dim() == 4 and route(x.shape[1], weight.shape, stride, padding, groups) != "gemm":
+        c = routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, None, None, None)
+        mean, var = torch.ops.fastconv.batch_norm_stats(c.detach())
+        return c, mean, var
+    return torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, groups)
+
+
+def normalise_geometry(weight: torch.Tensor, stride, padding, dilation) -> tuple:
+    """(stride, padding as (top, left, bottom, right), dilation) from F.conv2d's forms."""
+    stride_ = positive_pair(stride, "stride")
+    dilation_ = positive_pair(dilation, "dilation")
+    kernel = tuple(weight.shape[2:]) if weight.dim() == 4 else (1, 1)
+    return stride_, padding_4(padding, kernel, stride_, dilation_), dilation_
+
+
+def autocast_inputs(x, weight, bias):
+    """x, weight and bias in the autocast dtype when autocast is on, as F.conv2d runs them."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
+def conv2d_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """A convolution with an optional fused BatchNorm (as scale/shift) and activation.
+
+    Exactly ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``, then per output
+    channel ``act(y * scale + shift)`` when any of scale, shift, activation is given.
+
+    Args:
+        x: (N, C_in, H, W), NCHW, channels_last or any strided view; read in place.
+        weight: (C_out, C_in / groups, kh, kw) in x's dtype. bias: (C_out,) or None.
+        stride, dilation: an int or a pair, >= 1.
+        padding: an int, a pair, "same" or "valid", as F.conv2d takes it.
+        groups: >= 1, dividing C_in and C_out.
+        scale, shift: (C_out,) or None (1 and 0), in x's dtype or float32: an inference-mode
+            BatchNorm, scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale.
+        activation: None, "relu", "relu6", "silu" or "hardswish".
+
+    Returns:
+        (N, C_out, Ho, Wo) in x's dtype; channels_last when x's channels are innermost. Under
+        autocast, x, weight and bias run in the autocast dtype, as F.conv2d does.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        fail(f"x and weight must be tensors; got {type(x).__name__} and {type(weight).__name__}")
+    stride_, padding_, dilation_ = normalise_geometry(weight, stride, padding, dilation)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return routed_conv2d_bn_act(x, weight, bias, stride_, padding_, dilation_, groups, scale, shift, activation)

@@ -1,0 +1,131 @@
+"""conv2d_bn_act and ConvBNAct2d on a GPU: bfloat16 implicit GEMMs (wrong in Triton's CPU
+interpreter), half-precision training against BatchNorm2d, determinism, CUDA graphs.
+
+Tests named "sanitizer" also run under compute-sanitizer in benchmarks/gpu_check.sh: keep
+them small.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+from fastconv.nn import ConvBNAct2d
+from fastconv.ops import conv_bn_act as conv_ops
+from harness import ON_GPU, assert_matches_reference, backends_under_test, random_tensor, run_backend
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")]
+
+GPU_BACKENDS = [p for p in backends_under_test(conv_ops.FORWARD) if p.values[0] != "torch"]
+
+
+def conv_inputs(shape, out_channels, kernel, groups, dtype, layout="channels_last", requires_grad=True):
+    x = random_tensor(shape, dtype, layout).requires_grad_(requires_grad)
+    fan_in = shape[1] // groups * kernel[0] * kernel[1]
+    weight = (torch.randn(out_channels, shape[1] // groups, *kernel, device="cuda") / fan_in**0.5).to(dtype)
+    scale = torch.randn(out_channels, device="cuda") * 0.5 + 1
+    shift = torch.randn(out_channels, device="cuda")
+    return [t.requires_grad_(requires_grad) for t in (x, weight, scale, shift)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("layout", ("nchw", "channels_last", "channel_slice"))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_conv_bn_act_sanitizer_subset(backend, layout, dtype):
+    """A small implicit GEMM (3x3, stride 2, groups 2, odd sizes) forward and backward."""
+    tensors = conv_inputs((2, 32, 11, 9), 48, (3, 3), 2, dtype, layout)
+
+    def call(x, weight, scale, shift):
+        return fastconv.conv2d_bn_act(x, weight, None, 2, 1, 1, 2, scale=scale, shift=shift, activation="silu")
+
+    y = run_backend(backend, call, *tensors)
+    grads = run_backend(backend, torch.autograd.grad, y.float().sum(), tensors)
+    torch.cuda.synchronize()
+    wide = [t.detach().double().requires_grad_() for t in tensors]
+    with fastconv.use_backend("torch"):
+        y64 = call(*wide)
+        yardstick = call(*tensors)
+    assert_matches_reference("y", y, y64, yardstick, terms=16 * 9)
+    for name, got, want in zip(("x", "weight", "scale", "shift"), grads, torch.autograd.grad(y64.sum(), wide)):
+        assert_matches_reference(f"grad_{name}", got, want, terms=48 * 9 if name == "x" else 2 * 6 * 5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_batch_statistics_sanitizer_subset(backend):
+    x, weight, _, _ = conv_inputs((2, 8, 13, 13), 16, (7, 7), 1, torch.float16, requires_grad=False)
+    bias = torch.full((16,), 50.0, device="cuda", dtype=torch.float16)  # |mean| >> std
+    c, mean, var = run_backend(
+        backend, torch.ops.fastconv.conv2d_batch_stats, x, weight, bias, (2, 2), (3, 3, 3, 3), (1, 1), 1
+    )
+    torch.cuda.synchronize()
+    expected_var, expected_mean = torch.var_mean(c.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_statistics_and_backward_are_bitwise_deterministic(backend):
+    fused = ConvBNAct2d(64, 64, 3).cuda().half().to(memory_format=torch.channels_last).train()
+    x = random_tensor((16, 64, 28, 28), torch.float16, "channels_last").requires_grad_()
+    results = []
+    for _ in range(3):
+        with fastconv.use_backend(backend):
+            y = fused(x)
+            grads = torch.autograd.grad(y.float().square().sum(), [x, *fused.parameters()])
+        results.append((y, *grads))
+    for again in results[1:]:
+        for a, b in zip(results[0], again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_half_precision_training_step_within_twice_batchnorm_error(backend):
+    """fp16 channels_last training against nn.Sequential(Conv2d, BatchNorm2d, SiLU) in fp16,
+    both measured against the same unit in float64."""
+    torch.manual_seed(0)
+    unit = nn.Sequential(nn.Conv2d(32, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.SiLU()).cuda()
+    fused = ConvBNAct2d(32, 64, 3, 2, activation="silu").cuda()
+    fused.load_state_dict(unit.state_dict())
+    x = random_tensor((8, 32, 29, 29), torch.float16, "channels_last")
+    grad_y = random_tensor((8, 64, 15, 15), torch.float16, "channels_last")
+
+    def step(module, x, dtype):
+        module = module.to(dtype).to(memory_format=torch.channels_last).train()
+        x = x.detach().to(dtype).requires_grad_()
+        y = module(x)
+        grads = torch.autograd.grad(y, [x, *module.parameters()], grad_y.to(dtype))
+        return (y, *grads), [b.clone() for b in module[1].buffers()]
+
+    with fastconv.use_backend(backend):
+        ours, our_stats = step(copy.deepcopy(fused), x, torch.float16)
+    theirs, their_stats = step(copy.deepcopy(unit), x, torch.float16)
+    exact, exact_stats = step(copy.deepcopy(unit), x, torch.float64)
+    pixels = 8 * 15 * 15
+    for name, got, lowp, want in zip(("y", "grad_x", "grad_conv", "grad_gamma", "grad_beta"), ours, theirs, exact):
+        assert_matches_reference(name, got, want, lowp, terms=pixels if name.startswith("grad_") else 32 * 9)
+    for got, want in zip(our_stats, exact_stats):
+        if got.dtype == torch.int64:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["auto"])
+def test_eval_cuda_graph_capture_and_replay(backend):
+    fused = ConvBNAct2d(16, 32, 3).cuda().half().to(memory_format=torch.channels_last).eval()
+    x = random_tensor((8, 16, 14, 14), torch.float16, "channels_last")
+    with torch.no_grad(), fastconv.use_backend(backend):
+        fused(x)  # warm up: autotuning and the fold cache happen outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = fused(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    with torch.no_grad(), fastconv.use_backend("torch"):
+        expected = fused(x)
+    torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
