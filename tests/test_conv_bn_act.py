@@ -13,6 +13,7 @@ import torch
 import fastconv
 from fastconv import reference
 from fastconv.backends import interpreting
+from fastconv.ops import batch_norm as batch_norm_ops
 from fastconv.ops import conv_bn_act as conv_ops
 from fastconv.ops.conv_bn_act import route
 from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, random_tensor, run_backend
@@ -245,3 +246,37 @@ def bad(**changes):
 def test_bad_input_is_named(function, pattern):
     with pytest.raises(ValueError, match=pattern):
         function()
+
+
+@pytest.mark.parametrize("backend", backends_under_test(batch_norm_ops.BACKWARD))
+def test_training_batch_norm_ops_opcheck(backend):
+    c = random_tensor((2, 6, 5, 4), torch.float32, "channels_last")
+    mean, var = torch.ops.fastconv.batch_norm_stats(c)
+    invstd = torch.rsqrt(var + 1e-5)
+    weight, bias = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    with fastconv.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastconv.batch_norm_stats.default, (c,))
+        torch.library.opcheck(
+            torch.ops.fastconv.batch_norm_act.default,
+            (c.requires_grad_(), mean, invstd, weight.requires_grad_(), bias.requires_grad_(), "relu6"),
+        )
+        torch.library.opcheck(
+            torch.ops.fastconv.batch_norm_act_backward.default,
+            (torch.randn_like(c), c.detach(), mean, invstd, weight.detach(), None, "silu"),
+        )
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        ((torch.randn(2, 3, 4, 4), torch.zeros(3, dtype=torch.float64), torch.ones(3), None, None, None),
+         r"mean must have dtype torch.float32 \(the statistics' precision\); got torch.float64"),
+        ((torch.randn(2, 3, 4, 4), torch.zeros(4), torch.ones(3), None, None, None), r"mean must have shape \(3,\); got \(4,\)"),
+        ((torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), torch.ones(2), None, None),
+         r"weight must have shape \(3,\), one value per channel of c; got \(2,\)"),
+    ],
+    ids=["mean-dtype", "mean-shape", "weight-shape"],
+)
+def test_training_batch_norm_bad_input_is_named(args, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.fastconv.batch_norm_act(*args)

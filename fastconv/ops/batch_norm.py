@@ -49,8 +49,8 @@ def _check(c, mean, invstd, weight, bias, activation) -> None:
         check_shape(stats, name, (channels,))
         if stats.dtype != _wide(c):
             fail(f"{name} must have dtype {_wide(c)} (the statistics' precision); got {stats.dtype}")
-    check_channel_vector(weight, "weight", channels, c)
-    check_channel_vector(bias, "bias", channels, c)
+    check_channel_vector(weight, "weight", channels, c, per="channel of c")
+    check_channel_vector(bias, "bias", channels, c, per="channel of c")
     activation_code(activation)
 
 
