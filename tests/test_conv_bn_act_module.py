@@ -109,6 +109,26 @@ def test_training_steps_match_batchnorm_exactly(backend, geometry, activation):
     assert int(fused[1].num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_bias_and_affine_free_batchnorm(backend):
+    """A conv with a bias (its statistics include it) and a BatchNorm without affine parameters."""
+    conv, bn = nn.Conv2d(4, 6, 3, 2, 1, bias=True), nn.BatchNorm2d(6, affine=False)
+    unit = nn.Sequential(conv, bn, nn.ReLU()).to(DEVICE, torch.float64)
+    fused = ConvBNAct2d.from_modules(*copy.deepcopy(unit))
+    for mode in ("train", "eval", "train"):
+        getattr(unit, mode)()
+        getattr(fused, mode)()
+        x = torch.randn(2, 4, 9, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        with fastconv.use_backend(backend):
+            y = fused(x)
+            grads = torch.autograd.grad(y.square().sum(), [x, *fused.parameters()])
+        expected = unit(x)
+        torch.testing.assert_close(y, expected, msg=mode)
+        for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), [x, *unit.parameters()])):
+            torch.testing.assert_close(got, want, msg=mode)
+    assert_same_state(fused, unit)
+
+
 def test_cumulative_average_when_momentum_is_none():
     unit = torchvision_unit(GEOMETRIES["gemm-3x3-s2"], momentum=None).train()
     fused = fused_copy(unit).train()
