@@ -36,6 +36,7 @@ from fastconv.triton_kernels._indexing import (
     pixel_strides,
     reduction_split,
 )
+from fastconv.triton_kernels._statistics import merge_partitions
 from fastconv.triton_kernels._tuning import autotune
 from fastconv.triton_kernels.activations import activation_derivative
 from fastconv.triton_kernels.bn_act import (
@@ -340,12 +341,8 @@ def channel_stats(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means = torch.empty(split * N, C, dtype=accumulate, device=c.device)
         counts, m2s, pivots = (torch.empty_like(means) for _ in range(3))
         _planes_stats[(N * C, split)](c, counts, means, m2s, pivots, N * C, C, H * W, W, *strides, MERGED=merged, **flags)
-    # Chan's merge of all partials at once: a program that got no pixels has count 0 and
-    # mean 0, and adds nothing. torch.sum reduces in a fixed order for a fixed shape.
-    counts, means, m2s = counts.double(), means.double() + pivots.double(), m2s.double()
-    mean = (counts * means).sum(0) / R
-    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
-    return mean.to(accumulate), (m2 / R).to(accumulate)
+    # A program that got no pixels has count 0 and mean 0 (pivot included), and adds nothing.
+    return merge_partitions(counts, means.double() + pivots.double(), m2s, R, accumulate)
 
 
 def batch_norm_act_backward(

@@ -63,6 +63,7 @@ import triton.language as tl
 
 from fastconv._conv_args import output_size
 from fastconv.triton_kernels._indexing import needs_64bit_index
+from fastconv.triton_kernels._statistics import merge_partitions
 from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
 
@@ -342,21 +343,12 @@ _conv_gemm_flat = autotune(configs=_FLAT_CONFIGS, key=_KEY)(_conv_gemm_kernel)
 
 
 def _combine_statistics(partial_mean, partial_m2, block_m: int, M: int, dtype: torch.dtype):
-    """Per-channel (mean, biased variance) over all M pixels from per-tile (mean, M2) rows.
-
-    Chan et al.'s combination of partitions, all at once: with n_i pixels in tile i (block_m,
-    except a shorter last tile), mean = sum n_i mean_i / M and M2 = sum M2_i + sum n_i (mean_i -
-    mean)^2. Deviations are taken from means, never raw sums of squares formed, so it keeps its
-    precision when |mean| >> std; float64 throughout, and torch's fixed-shape sums are
-    deterministic.
-    """
+    """Per-channel (mean, biased variance) over all M pixels from per-tile (mean, M2) rows: tile i
+    holds block_m pixels, except a shorter last tile."""
     tiles = triton.cdiv(M, block_m)
-    means = partial_mean[:tiles].double()
-    counts = torch.arange(tiles, device=means.device, dtype=torch.float64).mul_(-block_m).add_(M)
+    counts = torch.arange(tiles, device=partial_mean.device, dtype=torch.float64).mul_(-block_m).add_(M)
     counts = counts.clamp_(max=block_m)[:, None]
-    mean = (counts * means).sum(0) / M
-    m2 = partial_m2[:tiles].double().sum(0) + (counts * (means - mean).square()).sum(0)
-    return mean.to(dtype), (m2 / M).to(dtype)
+    return merge_partitions(counts, partial_mean[:tiles], partial_m2[:tiles], M, dtype)
 
 
 def _alignment(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, C_g: int, N_g: int) -> int:
