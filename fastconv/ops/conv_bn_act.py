@@ -15,9 +15,10 @@ BatchNorm's statistics cost no extra read of the activation (`conv_with_batch_st
 same way, with a separate statistics pass after the depthwise and pointwise kernels).
 
 Backward: the epilogue's through bn_act's backward (recomputing the pre-epilogue conv rather
-than keeping it alive), then grad_input and grad_weight by ATen's convolution_backward, which
-is cuDNN's implicit GEMMs on a GPU. Whether an own implicit-GEMM backward would beat cuDNN's
-is unmeasured: no GPU has run this code yet (benchmarks/NOTES.md).
+than keeping it alive), then grad_input and grad_weight on the route's own backward: fastconv's
+depthwise or pointwise kernels, and for the implicit GEMM ATen's convolution_backward, which is
+cuDNN's implicit GEMMs on a GPU. Whether an own implicit-GEMM backward would beat cuDNN's is
+unmeasured: no GPU has run this code yet (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -247,13 +248,32 @@ def _setup_forward(ctx, inputs, output) -> None:
 
 
 def _conv_grads(ctx, grad_c, x, weight, bias, needs) -> tuple:
-    """(grad_x, grad_weight, grad_bias) of the plain convolution."""
+    """(grad_x, grad_weight, grad_bias) of the plain convolution, on the route's own backward:
+    fastconv's depthwise kernels (cuDNN's depthwise backward is the known slow one, PERF.md),
+    the pointwise GEMMs, or ATen's convolution_backward (cuDNN) for the implicit GEMM."""
     stride, padding, dilation, groups = ctx.geometry
-    grad_x, grad_weight = convolution_backward(
-        grad_c, x, weight, stride, padding, dilation, groups, [needs[0], needs[1], False]
-    )
-    grad_bias = grad_c.sum(dim=(0, 2, 3)) if bias is not None and needs[2] else None
-    return (in_layout(grad_x, x) if grad_x is not None else None), grad_weight, grad_bias
+    ops = torch.ops.fastconv
+    grad_x = grad_weight = grad_bias = None
+    kind = route(x.shape[1], weight.shape, stride, padding, groups)
+    if kind == "depthwise":
+        if needs[0]:
+            grad_x = ops.depthwise_conv2d_backward_input(grad_c, x, weight, stride, padding, dilation)
+        if needs[1] or needs[2]:
+            grad_weight, grad_bias = ops.depthwise_conv2d_backward_weight(grad_c, x, weight, stride, padding, dilation)
+    elif kind == "pointwise":
+        if needs[0]:
+            grad_x = ops.pointwise_conv2d(grad_c, weight.transpose(0, 1), None, None, None, None, None, False, None, None, None)
+        if needs[1]:
+            grad_weight = ops.pointwise_conv2d_backward_weight(grad_c, x, None, None, None)
+            grad_weight = grad_weight.to(weight.dtype).view(weight.shape)
+    else:
+        grad_x, grad_weight = convolution_backward(
+            grad_c, x, weight, stride, padding, dilation, groups, [needs[0], needs[1], False]
+        )
+        grad_x = in_layout(grad_x, x) if grad_x is not None else None
+    if bias is not None and needs[2] and grad_bias is None:
+        grad_bias = grad_c.sum(dim=(0, 2, 3))
+    return grad_x, grad_weight, (grad_bias if bias is not None and needs[2] else None)
 
 
 def _backward_forward(ctx, grad_y):
