@@ -129,3 +129,36 @@ def test_eval_cuda_graph_capture_and_replay(backend):
     with torch.no_grad(), fastconv.use_backend("torch"):
         expected = fused(x)
     torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize(
+    "backend", [p for p in backends_under_test(fastconv.ops.batch_norm.BACKWARD) if p.values[0] != "torch"]
+)
+def test_batch_norm_kernels_sanitizer_subset(backend, layout):
+    """batch_norm_stats and batch_norm_act_backward on a small fp16 case: odd sizes, |mean| >> std,
+    grad_y in the other layout than c."""
+    shape = (3, 24, 7, 5)
+    c = random_tensor(shape, torch.float16, layout).add_(20.0)
+    grad_y = random_tensor(shape, torch.float16, "channels_last" if layout == "nchw" else "nchw")
+    weight = torch.rand(shape[1], device="cuda") + 0.5
+    bias = torch.randn(shape[1], device="cuda")
+    mean, var = run_backend(backend, torch.ops.fastconv.batch_norm_stats, c)
+    torch.cuda.synchronize()
+    expected_var, expected_mean = torch.var_mean(c.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-5)
+
+    invstd = torch.rsqrt(var + 1e-5)
+    grads = run_backend(
+        backend, torch.ops.fastconv.batch_norm_act_backward, grad_y, c, mean, invstd, weight, bias, "silu"
+    )
+    torch.cuda.synchronize()
+    assert grads[0].stride() == torch.empty_like(c).stride()
+    wide = [t.double() for t in (grad_y, c, mean, invstd, weight, bias)]
+    exact = fastconv.reference.batch_norm_act_backward(*wide, "silu")
+    lowp = fastconv.reference.batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, "silu")
+    pixels = shape[0] * shape[2] * shape[3]
+    for name, got, want, plain in zip(("grad_c", "grad_weight", "grad_bias"), grads, exact, lowp):
+        assert got.dtype == (c.dtype if name == "grad_c" else torch.float32)
+        assert_matches_reference(name, got, want, plain if name == "grad_c" else None, terms=pixels)

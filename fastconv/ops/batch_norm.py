@@ -86,11 +86,29 @@ def _backward_triton(grad_y, c, mean, invstd, weight, bias, activation):
     return batch_norm_act_backward(grad_y, c, mean.contiguous(), invstd.contiguous(), weight, bias, activation_code(activation))
 
 
+def _cuda_supports(*args) -> Optional[str]:
+    c = args[1] if len(args) == 7 else args[0]  # the backward's calls lead with grad_y
+    if c.dtype == torch.float64:
+        return "its kernels take float32, float16 and bfloat16; got float64"
+    return None
+
+
+def _stats_cuda(c):
+    return tuple(torch.ops.fastconv_cuda.batch_norm_stats(c))
+
+
+def _backward_cuda(grad_y, c, mean, invstd, weight, bias, activation):
+    code = activation_code(activation)
+    return tuple(torch.ops.fastconv_cuda.batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, code))
+
+
 STATS = OpImplementations("batch_norm_stats")
+STATS.register("cuda", _stats_cuda, _cuda_supports)
 STATS.register("triton", _stats_triton)
 STATS.register("torch", _stats_torch)
 
 BACKWARD = OpImplementations("batch_norm_act_backward")
+BACKWARD.register("cuda", _backward_cuda, _cuda_supports)
 BACKWARD.register("triton", _backward_triton)
 BACKWARD.register("torch", _backward_torch)
 
