@@ -140,23 +140,27 @@ def test_batch_zero(backend):
     assert all(g.shape == v.shape and (g.numel() == 0 or not g.any()) for g, v in zip(grads, t.values()))
 
 
+@pytest.mark.parametrize("case", ["5x5-dilated-groups2", "depthwise-route", "pointwise-route"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_statistics_of_the_stored_output(backend):
-    """conv2d_batch_stats: c, and the mean and biased variance of c as stored, per channel."""
-    t, geometry = make("5x5-dilated-groups2", torch.float16, bias=True, epilogue=False, requires_grad=False)
+def test_batch_statistics_of_the_stored_output(backend, case):
+    """conv2d_batch_stats: c, and the mean and biased variance of c as stored, per channel, from
+    each route's kernel."""
+    t, geometry = make(case, torch.float16, bias=True, epilogue=False, requires_grad=False)
     # A large bias: the statistics must not lose the spread to cancellation (|mean| >> std).
     t["bias"] = (t["bias"] * 0 + 100).to(torch.float16)
     stride, padding, dilation = conv_ops.normalise_geometry(t["weight"], geometry["stride"], geometry["padding"], geometry["dilation"])
     with poisoned_allocations():
         c, mean, var = run_backend(
-            backend, torch.ops.fastconv.conv2d_batch_stats, t["x"], t["weight"], t["bias"], stride, padding, dilation, 2
-        )
-    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (6,)
+            backend, torch.ops.fastconv.conv2d_batch_stats, t["x"], t["weight"], t["bias"], stride, padding, dilation,
+            geometry["groups"],
+        )  # fmt: skip
+    channels = t["weight"].shape[0]
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (channels,)
     expected_var, expected_mean = torch.var_mean(c.double(), dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-6)
     expected_c = eager({k: v.double() for k, v in t.items()}, geometry)
-    assert_matches_reference("c", c, expected_c, eager(t, geometry), terms=2 * 25)
+    assert_matches_reference("c", c, expected_c, eager(t, geometry), terms=t["weight"][0].numel())
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cuda"])

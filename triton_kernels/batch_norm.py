@@ -36,7 +36,7 @@ from fastconv.triton_kernels._indexing import (
     pixel_strides,
     reduction_split,
 )
-from fastconv.triton_kernels._statistics import merge_partitions
+from fastconv.triton_kernels._statistics import chan_merge, merge_partitions
 from fastconv.triton_kernels._tuning import autotune
 from fastconv.triton_kernels.activations import activation_derivative
 from fastconv.triton_kernels.bn_act import (
@@ -50,15 +50,6 @@ from fastconv.triton_kernels.bn_act import (
     _spatial_offsets,
     _spatial_strides,
 )
-
-
-@triton.jit
-def _chan_merge(count, mean, m2, block_count, block_mean, block_m2):
-    """Merge a block's (count, mean, M2) into a running one; block_count > 0, count >= 0."""
-    total = count + block_count
-    weight = block_count / total
-    delta = block_mean - mean
-    return total, mean + delta * weight, m2 + block_m2 + delta * delta * (count * weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +96,7 @@ def _rows_stats(
         block_count = tl.sum(pixel_mask.to(compute), axis=0)
         block_mean = tl.sum(x, axis=0) / block_count
         deviation = tl.where(mask, x - block_mean[None, :], 0.0)
-        count, mean, m2 = _chan_merge(count, mean, m2, block_count, block_mean, tl.sum(deviation * deviation, axis=0))
+        count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, tl.sum(deviation * deviation, axis=0))
     offsets = tl.program_id(0) * C + channels
     tl.store(count_ptr + offsets, count, mask=channel_mask)
     tl.store(mean_ptr + offsets, mean, mask=channel_mask)
@@ -143,7 +134,7 @@ def _planes_stats(
         block_count = tl.sum(mask.to(compute), axis=0)
         block_mean = tl.sum(x, axis=0) / block_count
         deviation = tl.where(mask, x - block_mean, 0.0)
-        count, mean, m2 = _chan_merge(count, mean, m2, block_count, block_mean, tl.sum(deviation * deviation, axis=0))
+        count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, tl.sum(deviation * deviation, axis=0))
     slot = tl.program_id(1) * NC + plane
     tl.store(count_ptr + slot, count)
     tl.store(mean_ptr + slot, mean)

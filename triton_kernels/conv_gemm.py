@@ -63,7 +63,7 @@ import triton.language as tl
 
 from fastconv._conv_args import output_size
 from fastconv.triton_kernels._indexing import needs_64bit_index
-from fastconv.triton_kernels._statistics import merge_partitions
+from fastconv.triton_kernels._statistics import merge_partitions, tile_moments
 from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
 
@@ -322,12 +322,9 @@ def _conv_gemm_kernel(
     else:
         tl.store(out_ptr + o_rows[:, None] + (channels * o_sc)[None, :], stored, mask=m_mask[:, None] & n_mask[None, :])
     if STATS:
-        # Two passes over the tile in registers: its mean, then squared deviations from it.
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(compute)
         s = tl.where(m_mask[:, None], stored.to(compute), 0.0)
-        tile_mean = tl.sum(s, axis=0) / count
-        d = tl.where(m_mask[:, None], s - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(d * d, axis=0)
+        tile_mean, tile_m2 = tile_moments(s, m_mask[:, None], count, 0)  # the mean in float64
         p_offsets = pid_m * (GROUPS * N_G) + channels
         tl.store(mean_ptr + p_offsets, tile_mean, mask=n_mask)
         tl.store(m2_ptr + p_offsets, tile_m2, mask=n_mask)
@@ -434,7 +431,7 @@ def conv_gemm(
     partial_mean = partial_m2 = x  # a dummy pointer, never touched without STATS
     if compute_stats:
         tiles = triton.cdiv(M, min(config.kwargs["BLOCK_M"] for config in kernel.configs))
-        partial_mean = torch.empty(tiles, C_out, dtype=stat_dtype, device=x.device)
+        partial_mean = torch.empty(tiles, C_out, dtype=torch.float64, device=x.device)  # see tile_moments
         partial_m2 = torch.empty(tiles, C_out, dtype=stat_dtype, device=x.device)
     vectors = [t for t in (bias, scale, shift) if t is not None]
     flags = dict(

@@ -21,6 +21,13 @@ The layout picks the tile, as in bn_act.py:
 Every kernel takes every tensor's full strides, so either family is correct for any layout
 (the choice is only about speed), and no input is ever copied to make it contiguous.
 
+With STATS (depthwise_forward_with_stats, for a fused BatchNorm in training) the forward also
+reduces the values it stored, rounded to y's dtype and back, to per-channel partials: a rows
+program its tile's (mean, M2) per channel, a planes program (mean, M2) per plane of all the
+blocks it walked (Chan's merge in float64 between blocks). The host merges the [programs,
+channels] partials with _statistics.merge_partitions: deterministic, no atomics, and no sum of
+raw squares anywhere (see _statistics.tile_moments for the tile's two passes).
+
 Output channel oc reads input channel oc // M (depth multiplier M). The backward input pass
 is a gather (each input pixel sums over the taps whose output position is integral and in
 range), so it needs no atomics. The backward weight pass is deterministic: each program sums
@@ -37,6 +44,7 @@ import triton
 import triton.language as tl
 
 from fastconv.triton_kernels._indexing import MAX_GRID_Y, needs_64bit_index, reduction_split
+from fastconv.triton_kernels._statistics import chan_merge, merge_partitions, tile_moments
 from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
 
@@ -175,10 +183,11 @@ def _rows_forward_row(acc, x_ptr, w_ptr, a, x_pixel, ih0, iw0, pixel_mask, x_cha
     return acc
 
 
-@autotune(configs=_ROWS_CONFIGS, key=["R", "CM", "M", "H", "W", "ACTIVATION"] + _GEOMETRY_KEY)
+@autotune(configs=_ROWS_CONFIGS, key=["R", "CM", "M", "H", "W", "ACTIVATION", "STATS"] + _GEOMETRY_KEY)
 @triton.jit
 def _rows_forward(
     x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr,  # absent vectors get a dummy pointer
+    mean_ptr, m2_ptr,  # [num_programs(0), CM] per-tile mean (float64) and M2 of the stored y (STATS only)
     R, CM, M,  # R = N*Ho*Wo output pixels; CM = C*M output channels; M depth multiplier
     H, W, Ho, Wo,  # input and output spatial sizes
     pad_top, pad_left,  # the bottom and right padding only shape Ho and Wo
@@ -189,6 +198,7 @@ def _rows_forward(
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,  # stride, dilation
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr,  # code from fastconv.activations
+    STATS: tl.constexpr,  # also store per-tile (mean, M2) per channel of the values stored
     UNROLL: tl.constexpr,  # unroll the loop over window rows too, not only each row's taps
     INDEX_64: tl.constexpr,  # some offset may exceed 2**31
     WIDE: tl.constexpr,  # accumulate in float64 (float64 inputs) instead of float32
@@ -220,8 +230,18 @@ def _rows_forward(
                                     channel_mask, H, W, x_sh, x_sw, w_sc, w_sh, w_sw, KW, DH, DW, WIDE)
     y = _epilogue(acc, channels, channel_mask, bias_ptr, scale_ptr, shift_ptr, 1,
                   HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, WIDE)
+    stored = y.to(y_ptr.dtype.element_ty)
     y_offsets = (n * y_sn + oh * y_sh + ow * y_sw)[:, None] + (channels * y_sc)[None, :]
-    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=pixel_mask[:, None] & channel_mask[None, :])
+    tl.store(y_ptr + y_offsets, stored, mask=pixel_mask[:, None] & channel_mask[None, :])
+    if STATS:
+        # The tile's (mean, M2) per channel, in registers, of the values as stored (rounded to
+        # y's dtype and back): the statistics of exactly what was written.
+        count = tl.minimum(R - block * BLOCK_P, BLOCK_P).to(compute)
+        s = tl.where(pixel_mask[:, None], stored.to(compute), 0.0)
+        tile_mean, tile_m2 = tile_moments(s, pixel_mask[:, None], count, 0)
+        p_offsets = block * CM + channels
+        tl.store(mean_ptr + p_offsets, tile_mean, mask=channel_mask)
+        tl.store(m2_ptr + p_offsets, tile_m2, mask=channel_mask)
 
 
 @triton.jit
@@ -244,17 +264,18 @@ def _planes_forward_row(acc, x_ptr, w_ptr, a, x_plane, ih0, iw0, spatial_mask, p
     return acc
 
 
-@autotune(configs=_PLANES_CONFIGS, key=["NCM", "CM", "M", "H", "W", "HWo", "ACTIVATION"] + _GEOMETRY_KEY)
+@autotune(configs=_PLANES_CONFIGS, key=["NCM", "CM", "M", "H", "W", "HWo", "ACTIVATION", "STATS"] + _GEOMETRY_KEY)
 @triton.jit
 def _planes_forward(
     x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr,
+    mean_ptr, m2_ptr,  # [num_programs(1), NCM] mean (float64), M2 per (program share, plane) (STATS only)
     NCM, CM, M,  # NCM = N*C*M output planes, numbered n*CM + oc
     H, W, HWo, Wo,  # input size; output pixels per plane and output width
     pad_top, pad_left,
     x_sn, x_sc, x_sh, x_sw, w_sc, w_sh, w_sw, y_sn, y_sc, y_sh, y_sw,  # as in _rows_forward
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
-    UNROLL: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
+    STATS: tl.constexpr, UNROLL: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_PL: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     compute = tl.float64 if WIDE else tl.float32
@@ -266,6 +287,12 @@ def _planes_forward(
     channels = planes % CM
     x_plane = n * x_sn + (channels // M) * x_sc
     y_plane = n * y_sn + channels * y_sc
+    if STATS:
+        # Running (count, mean, M2) per plane of this program's blocks, merged block by block,
+        # in float64 (a few operations per plane and block) so that the mean keeps its digits.
+        count = tl.zeros([BLOCK_PL], dtype=tl.float64)
+        mean = tl.zeros([BLOCK_PL], dtype=tl.float64)
+        m2 = tl.zeros([BLOCK_PL], dtype=tl.float64)
     # Axis 1 is capped at 65535 programs, so a program walks every num_programs(1)-th block.
     for start in range(tl.program_id(1) * BLOCK_S, HWo, tl.num_programs(1) * BLOCK_S):
         spatial = start + tl.arange(0, BLOCK_S)
@@ -287,8 +314,23 @@ def _planes_forward(
                                           plane_mask, H, W, x_sh, x_sw, w_sc, w_sh, w_sw, KW, DH, DW, WIDE)
         y = _epilogue(acc, channels, plane_mask, bias_ptr, scale_ptr, shift_ptr, 0,
                       HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, WIDE)
+        stored = y.to(y_ptr.dtype.element_ty)
         y_offsets = y_plane[:, None] + (oh * y_sh + ow * y_sw)[None, :]
-        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=plane_mask[:, None] & spatial_mask[None, :])
+        tl.store(y_ptr + y_offsets, stored, mask=plane_mask[:, None] & spatial_mask[None, :])
+        if STATS:
+            # The block's (mean, M2) per plane, in registers, merged into the running ones.
+            block_count = tl.minimum(HWo - start, BLOCK_S).to(compute)
+            s = tl.where(spatial_mask[None, :], stored.to(compute), 0.0)
+            block_mean, block_m2 = tile_moments(s, spatial_mask[None, :], block_count, 1)
+            count, mean, m2 = chan_merge(count, mean, m2, block_count.to(tl.float64), block_mean,
+                                          block_m2.to(tl.float64))
+    if STATS:
+        slot = tl.program_id(1)
+        if INDEX_64:
+            slot = slot.to(tl.int64)
+        p_offsets = slot * NCM + planes
+        tl.store(mean_ptr + p_offsets, mean, mask=plane_mask)
+        tl.store(m2_ptr + p_offsets, m2.to(m2_ptr.dtype.element_ty), mask=plane_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,6 +630,84 @@ def _weight_strides(weight: torch.Tensor) -> tuple[int, int, int]:
     return weight.stride(0), weight.stride(2), weight.stride(3)
 
 
+def _forward(x, weight, bias, stride, padding, dilation, scale, shift, activation: int, stats: bool):
+    """depthwise_forward's launch; with stats also (mean, var) of y as stored, else (None, None)."""
+    N, C, H, W = x.shape
+    CM, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    M = CM // C
+    Ho, Wo = output_size(H, W, (KH, KW), stride, padding, dilation)
+    y = _empty_like_layout(x, (N, CM, Ho, Wo), x.dtype)
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if y.numel() == 0:
+        if not stats:
+            return y, None, None
+        nan = torch.full((CM,), float("nan"), dtype=stat_dtype, device=x.device)
+        return y, nan, nan.clone()
+    pad_top, pad_left = padding[0], padding[1]
+    present = [t for t in (bias, scale, shift) if t is not None]
+    rows = _channels_innermost(x)
+    R, NCM, HWo = N * Ho * Wo, N * CM, Ho * Wo
+    partial_mean = partial_m2 = weight  # a dummy pointer, never touched without STATS
+    if stats:
+        # Sized for the config with the most programs; the autotuner picks one only at launch.
+        if rows:
+            shape = (triton.cdiv(R, min(c.kwargs["BLOCK_P"] for c in _rows_forward.configs)), CM)
+        else:
+            shape = (min(triton.cdiv(HWo, min(c.kwargs["BLOCK_S"] for c in _planes_forward.configs)), MAX_GRID_Y), NCM)
+        partial_mean = torch.empty(shape, dtype=torch.float64, device=x.device)  # see tile_moments
+        partial_m2 = torch.empty(shape, dtype=stat_dtype, device=x.device)
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        ACTIVATION=int(activation), STATS=bool(stats), UNROLL=KH * KW <= _MAX_UNROLLED_TAPS,
+        INDEX_64=needs_64bit_index([x, y, weight] + present + ([partial_mean] if stats else []), _INDEX_HEADROOM),
+        WIDE=x.dtype == torch.float64,
+        **_geometry(weight, stride, dilation),
+    )
+    # Absent vectors are never loaded (their HAS_ flag is off); any pointer will do.
+    bias, scale, shift = (t if t is not None else weight for t in (bias, scale, shift))
+    # The grid function sees the config that runs (the autotuner's last call is the real
+    # launch): the statistics' partition sizes follow its block.
+    chosen = {}
+    if rows:
+        def grid(meta):
+            chosen["BLOCK"] = meta["BLOCK_P"]
+            return (triton.cdiv(R, meta["BLOCK_P"]), triton.cdiv(CM, meta["BLOCK_C"]))
+
+        _rows_forward[grid](
+            x, weight, y, bias, scale, shift, partial_mean, partial_m2, R, CM, M, H, W, Ho, Wo, pad_top, pad_left,
+            *_strides4(x), *_weight_strides(weight), *_strides4(y), **flags,
+        )
+    else:
+        def grid(meta):
+            chosen["BLOCK"] = meta["BLOCK_S"]
+            return (triton.cdiv(NCM, meta["BLOCK_PL"]), min(triton.cdiv(HWo, meta["BLOCK_S"]), MAX_GRID_Y))
+
+        _planes_forward[grid](
+            x, weight, y, bias, scale, shift, partial_mean, partial_m2, NCM, CM, M, H, W, HWo, Wo, pad_top, pad_left,
+            *_strides4(x), *_weight_strides(weight), *_strides4(y), **flags,
+        )
+    if not stats:
+        return y, None, None
+    block = chosen["BLOCK"]
+    if rows:
+        # Tile i holds `block` pixels of every channel, the last tile fewer.
+        tiles = triton.cdiv(R, block)
+        counts = torch.arange(tiles, device=x.device, dtype=torch.float64).mul_(-block).add_(R).clamp_(max=block)
+        means, m2s = partial_mean[:tiles], partial_m2[:tiles]
+    else:
+        # Slot p of axis 1 took the blocks p, p + slots, ... of every plane: full blocks but for
+        # the plane's last. Its row holds one partition per plane, N of them per channel.
+        blocks = triton.cdiv(HWo, block)
+        slots = min(blocks, MAX_GRID_Y)
+        counts = torch.arange(slots, device=x.device, dtype=torch.float64).neg_().add_(blocks - 1)
+        counts = counts.div_(slots, rounding_mode="floor").add_(1).mul_(block)
+        counts[(blocks - 1) % slots] -= blocks * block - HWo
+        counts = counts.repeat_interleave(N)
+        means, m2s = partial_mean[:slots].view(slots * N, CM), partial_m2[:slots].view(slots * N, CM)
+    mean, var = merge_partitions(counts[:, None], means, m2s, R, stat_dtype)
+    return y, mean, var
+
+
 def depthwise_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -603,40 +723,26 @@ def depthwise_forward(
 
     y is channels_last when x's channels are innermost (and C > 1), else contiguous NCHW.
     """
-    N, C, H, W = x.shape
-    CM, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
-    M = CM // C
-    Ho, Wo = output_size(H, W, (KH, KW), stride, padding, dilation)
-    y = _empty_like_layout(x, (N, CM, Ho, Wo), x.dtype)
-    if y.numel() == 0:
-        return y
-    pad_top, pad_left = padding[0], padding[1]
-    present = [t for t in (bias, scale, shift) if t is not None]
-    flags = dict(
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        ACTIVATION=int(activation), UNROLL=KH * KW <= _MAX_UNROLLED_TAPS,
-        INDEX_64=needs_64bit_index([x, y, weight] + present, _INDEX_HEADROOM), WIDE=x.dtype == torch.float64,
-        **_geometry(weight, stride, dilation),
-    )
-    # Absent vectors are never loaded (their HAS_ flag is off); any pointer will do.
-    bias, scale, shift = (t if t is not None else weight for t in (bias, scale, shift))
-    if _channels_innermost(x):
-        R = N * Ho * Wo
-        grid = lambda meta: (triton.cdiv(R, meta["BLOCK_P"]), triton.cdiv(CM, meta["BLOCK_C"]))
-        _rows_forward[grid](
-            x, weight, y, bias, scale, shift, R, CM, M, H, W, Ho, Wo, pad_top, pad_left,
-            *_strides4(x), *_weight_strides(weight), *_strides4(y), **flags,
-        )
-    else:
-        NCM = N * CM
-        grid = lambda meta: (
-            triton.cdiv(NCM, meta["BLOCK_PL"]), min(triton.cdiv(Ho * Wo, meta["BLOCK_S"]), MAX_GRID_Y)
-        )
-        _planes_forward[grid](
-            x, weight, y, bias, scale, shift, NCM, CM, M, H, W, Ho * Wo, Wo, pad_top, pad_left,
-            *_strides4(x), *_weight_strides(weight), *_strides4(y), **flags,
-        )
-    return y
+    return _forward(x, weight, bias, stride, padding, dilation, scale, shift, activation, False)[0]
+
+
+def depthwise_forward_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var): y = depthwise_conv(x, weight) + bias, as depthwise_forward computes and
+    lays it out, and its per-channel batch statistics, fused into the same kernel.
+
+    mean and var are the mean and biased variance over (N, Ho, Wo) of each output channel of y
+    as stored (after rounding to y's dtype), float32 (float64 for float64 x), NaN when y has no
+    pixels. Deterministic: each program stores its (mean, M2) partials, merged on the host in a
+    fixed order (no atomics), and stable when |mean| >> std.
+    """
+    return _forward(x, weight, bias, stride, padding, dilation, None, None, 0, True)
 
 
 def depthwise_backward_input(

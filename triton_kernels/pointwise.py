@@ -12,6 +12,11 @@ does K multiply-adds per output element, so it belongs on the tensor cores (tl.d
 * Epilogue, per output channel, in float32: v = (acc + bias) * scale + shift, then either
   act(v) + residual or act(v + residual) (ResNet's order).
 
+With STATS (pointwise_gemm_with_stats, for a fused BatchNorm in training) each program also
+reduces the tile it stored, rounded to out's dtype and back, to a (mean, M2) per output channel
+(tile_moments) in its own row of two [tiles_m, C_out] buffers, which the host merges with
+_statistics.merge_partitions, as conv_gemm does: deterministic, no atomics.
+
 Every tensor is read through its own strides, so x may be channels_last, NCHW, or a channel
 slice of a wider channels_last buffer (DenseNet's concatenation), and out may be a channel slice
 too: the kernels write only out's own elements. The weight is a 2-D (C_out, C_in) view with
@@ -38,6 +43,7 @@ import triton
 import triton.language as tl
 
 from fastconv.triton_kernels._indexing import needs_64bit_index, pixel_offsets, pixel_strides, reduction_split
+from fastconv.triton_kernels._statistics import merge_partitions, tile_moments
 from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
 
@@ -138,7 +144,7 @@ def _dot(a, b, acc, TF32: tl.constexpr):
 
 @autotune(
     configs=_GEMM_CONFIGS,
-    key=["M", "K", "NO", "MERGED", "TF32"] + _FLAG_KEY + _PROLOGUE_KEY,
+    key=["M", "K", "NO", "MERGED", "TF32", "STATS"] + _FLAG_KEY + _PROLOGUE_KEY,
     # Timing runs repeat the kernel: out may be the residual itself (an in-place add), so put
     # it back after each.
     restore_value=["out_ptr"],
@@ -148,6 +154,7 @@ def _gemm(
     x_ptr, w_ptr, out_ptr,
     bias_ptr, scale_ptr, shift_ptr, residual_ptr,  # absent tensors get a dummy pointer
     in_scale_ptr, in_shift_ptr,  # the prologue's vectors, likewise
+    mean_ptr, m2_ptr,  # [tiles_m, NO] per-tile mean (float64) and M2 of the stored out (STATS only)
     M, K, NO,  # M = N*H*W pixels, K input channels, NO output channels
     H, W,  # split a pixel number into (n, h, w) when not MERGED
     x_sn, x_sc, x_sh, x_sw,  # strides of x (when MERGED, x_sw is the merged pixel stride)
@@ -161,6 +168,7 @@ def _gemm(
     HAS_IN_SCALE: tl.constexpr, HAS_IN_SHIFT: tl.constexpr,
     IN_ACTIVATION: tl.constexpr,  # the prologue's activation code
     PROLOGUE: tl.constexpr,  # any of the three above: otherwise A goes to the dot as loaded
+    STATS: tl.constexpr,  # also store per-tile (mean, M2) per output channel of the values stored
     MERGED: tl.constexpr,  # every tensor's pixel dims merge into the stride passed as *_sw
     TF32: tl.constexpr,  # float32 operands may go through the tensor cores as tf32
     INDEX_64: tl.constexpr,  # some offset may exceed 2**31
@@ -244,8 +252,18 @@ def _gemm(
             v = apply_activation(v, ACTIVATION) + residual
     else:
         v = apply_activation(v, ACTIVATION)
+    stored = v.to(out_ptr.dtype.element_ty)
     o_offsets = pixel_offsets(pixels, H, W, o_sn, o_sh, o_sw, MERGED)[:, None] + (cols * o_sc)[None, :]
-    tl.store(out_ptr + o_offsets, v.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + o_offsets, stored, mask=out_mask)
+    if STATS:
+        # The tile's (mean, M2) per channel, in registers, of the values as stored (rounded to
+        # out's dtype and back): the statistics of exactly what was written.
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(compute)
+        s = tl.where(m_mask[:, None], stored.to(compute), 0.0)
+        tile_mean, tile_m2 = tile_moments(s, m_mask[:, None], count, 0)
+        p_offsets = pid_m * NO + cols
+        tl.store(mean_ptr + p_offsets, tile_mean, mask=n_mask)
+        tl.store(m2_ptr + p_offsets, tile_m2, mask=n_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +357,80 @@ def _check_4d(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"pointwise: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
+def _launch(x, weight, out, bias, scale, shift, activation, residual, activation_after_residual,
+            in_scale, in_shift, in_activation, allow_tf32, stats: bool):
+    """pointwise_gemm's launch; returns (out, mean, var), the statistics None without stats."""
+    N, K, H, W = x.shape
+    NO = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"pointwise: weight has shape {tuple(weight.shape)}, expected ({NO}, {K})")
+    _check_4d("out", out, (N, NO, H, W))
+    if residual is not None:
+        _check_4d("residual", residual, (N, NO, H, W))
+    M = N * H * W
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if M == 0 or NO == 0:
+        if not stats:
+            return out, None, None
+        nan = torch.full((NO,), float("nan"), dtype=stat_dtype, device=x.device)
+        return out, nan, nan.clone()
+    pixel_tensors = [x, out] + ([residual] if residual is not None else [])
+    merged, strides = pixel_strides(pixel_tensors)
+    (x_sn, x_sh, x_sw), (o_sn, o_sh, o_sw) = strides[0], strides[1]
+    r_strides = (0, 0, 0, 0)
+    if residual is not None:
+        r_sn, r_sh, r_sw = strides[2]
+        r_strides = (r_sn, residual.stride(1), r_sh, r_sw)
+    vectors = [t for t in (bias, scale, shift, in_scale, in_shift) if t is not None]
+    for t in vectors:
+        if not t.is_contiguous():
+            raise ValueError("pointwise: per-channel vectors must be contiguous")
+    wide = x.dtype == torch.float64
+    partial_mean = partial_m2 = x  # a dummy pointer, never touched without STATS
+    if stats:
+        # Sized for the config with the most tiles; the autotuner picks one only at launch.
+        tiles = triton.cdiv(M, min(config.kwargs["BLOCK_M"] for config in _gemm.configs))
+        partial_mean = torch.empty(tiles, NO, dtype=torch.float64, device=x.device)  # see tile_moments
+        partial_m2 = torch.empty(tiles, NO, dtype=stat_dtype, device=x.device)
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        ACTIVATION=int(activation), HAS_RESIDUAL=residual is not None,
+        ACT_AFTER_RESIDUAL=bool(activation_after_residual) and residual is not None,
+        HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_ACTIVATION=int(in_activation),
+        PROLOGUE=in_scale is not None or in_shift is not None or int(in_activation) != 0,
+        STATS=bool(stats), MERGED=merged, TF32=bool(allow_tf32) and x.dtype == torch.float32,
+        INDEX_64=needs_64bit_index(pixel_tensors + [weight] + ([partial_mean] if stats else []), _INDEX_HEADROOM),
+        WIDE=wide,
+    )
+    # Absent tensors are never loaded (their HAS_ flag is off); any pointer will do.
+    bias, scale, shift, residual, in_scale, in_shift = (
+        t if t is not None else x for t in (bias, scale, shift, residual, in_scale, in_shift)
+    )
+    # The grid function sees the config that runs (the autotuner's last call is the real
+    # launch): the statistics' tile count follows its BLOCK_M.
+    chosen = {}
+
+    def grid(meta):
+        chosen["BLOCK_M"] = meta["BLOCK_M"]
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NO, meta["BLOCK_N"]),)
+
+    _gemm[grid](
+        x, weight, out, bias, scale, shift, residual, in_scale, in_shift, partial_mean, partial_m2,
+        M, K, NO, H, W,
+        x_sn, x.stride(1), x_sh, x_sw, weight.stride(0), weight.stride(1),
+        o_sn, out.stride(1), o_sh, o_sw, *r_strides,
+        **flags,
+    )
+    if not stats:
+        return out, None, None
+    # Tile i holds BLOCK_M pixels of every channel, the last tile fewer.
+    block = chosen["BLOCK_M"]
+    tiles = triton.cdiv(M, block)
+    counts = torch.arange(tiles, device=x.device, dtype=torch.float64).mul_(-block).add_(M).clamp_(max=block)
+    mean, var = merge_partitions(counts[:, None], partial_mean[:tiles], partial_m2[:tiles], M, stat_dtype)
+    return out, mean, var
+
+
 def pointwise_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -363,50 +455,29 @@ def pointwise_gemm(
     the prologue); activation codes as in fastconv.activations. Accumulates in float32 (float64
     for float64 inputs); float32 operands use tf32 tensor cores only when allow_tf32.
     """
-    N, K, H, W = x.shape
-    NO = weight.shape[0]
-    if weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"pointwise: weight has shape {tuple(weight.shape)}, expected ({NO}, {K})")
-    _check_4d("out", out, (N, NO, H, W))
-    if residual is not None:
-        _check_4d("residual", residual, (N, NO, H, W))
-    M = N * H * W
-    if M == 0 or NO == 0:
-        return out
-    pixel_tensors = [x, out] + ([residual] if residual is not None else [])
-    merged, strides = pixel_strides(pixel_tensors)
-    (x_sn, x_sh, x_sw), (o_sn, o_sh, o_sw) = strides[0], strides[1]
-    r_strides = (0, 0, 0, 0)
-    if residual is not None:
-        r_sn, r_sh, r_sw = strides[2]
-        r_strides = (r_sn, residual.stride(1), r_sh, r_sw)
-    vectors = [t for t in (bias, scale, shift, in_scale, in_shift) if t is not None]
-    for t in vectors:
-        if not t.is_contiguous():
-            raise ValueError("pointwise: per-channel vectors must be contiguous")
-    wide = x.dtype == torch.float64
-    flags = dict(
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        ACTIVATION=int(activation), HAS_RESIDUAL=residual is not None,
-        ACT_AFTER_RESIDUAL=bool(activation_after_residual) and residual is not None,
-        HAS_IN_SCALE=in_scale is not None, HAS_IN_SHIFT=in_shift is not None, IN_ACTIVATION=int(in_activation),
-        PROLOGUE=in_scale is not None or in_shift is not None or int(in_activation) != 0,
-        MERGED=merged, TF32=bool(allow_tf32) and x.dtype == torch.float32,
-        INDEX_64=needs_64bit_index(pixel_tensors + [weight], _INDEX_HEADROOM), WIDE=wide,
-    )
-    # Absent tensors are never loaded (their HAS_ flag is off); any pointer will do.
-    bias, scale, shift, residual, in_scale, in_shift = (
-        t if t is not None else x for t in (bias, scale, shift, residual, in_scale, in_shift)
-    )
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(NO, meta["BLOCK_N"]),)
-    _gemm[grid](
-        x, weight, out, bias, scale, shift, residual, in_scale, in_shift,
-        M, K, NO, H, W,
-        x_sn, x.stride(1), x_sh, x_sw, weight.stride(0), weight.stride(1),
-        o_sn, out.stride(1), o_sh, o_sw, *r_strides,
-        **flags,
-    )
-    return out
+    return _launch(
+        x, weight, out, bias, scale, shift, activation, residual, activation_after_residual,
+        in_scale, in_shift, in_activation, allow_tf32, False,
+    )[0]
+
+
+def pointwise_gemm_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, var): out = conv1x1(x, weight) + bias written as pointwise_gemm writes it (same
+    kernel, same arguments' rules), and its per-output-channel batch statistics, fused into the
+    GEMM's epilogue.
+
+    mean and var are the mean and biased variance over (N, H, W) of out as stored (after
+    rounding to out's dtype), float32 (float64 for float64 x), NaN when out has no pixels.
+    Deterministic: per-tile (mean, M2) partials merged on the host in a fixed order (no
+    atomics), and stable when |mean| >> std.
+    """
+    return _launch(x, weight, out, bias, None, None, 0, None, False, None, None, 0, allow_tf32, True)
 
 
 def pointwise_weight_grad(

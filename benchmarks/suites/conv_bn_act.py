@@ -75,8 +75,8 @@ the conv's output, b the BatchNorm's, y the activation's):
   fused backward   reads grad_y and c (the reductions), reads them again (the
                    elementwise pass, act' recomputed from c), writes grad_c        5
                                                                            fused:   8 A
-  ratio fused / eager = 8 / 14 = 0.57. Where fastconv routes the conv to its depthwise or
-  pointwise kernel (none of these shapes), the statistics are a separate pass: +1 A read.
+  ratio fused / eager = 8 / 14 = 0.57. Every route's kernel (implicit GEMM, depthwise,
+  pointwise) computes the statistics in its epilogue, so the count holds on every shape.
   Not counted above, because they are the same on both sides, and listed separately
   (`conv_bytes`): the conv's own traffic, forward read x and the weight; backward, grad_input
   reads grad_c and the weight and writes grad_x, grad_weight reads grad_c and x and writes
@@ -255,10 +255,8 @@ FUSED_REREADS = 2       # the fused backward's second read of grad_y and c
 def activation_units(shape):
     """Activation traffic of one training step in units of A: {"eager", "fused", ...touches}."""
     eager, fused = sum(EAGER_PASSES.values()), sum(FUSED_PASSES.values())
-    separate_stats = _route(shape) != "gemm"  # a statistics pass reading c after the conv
-    fused += separate_stats
     return {"eager": eager, "fused": fused, "eager_touches": eager - EAGER_REREADS,
-            "fused_touches": fused - FUSED_REREADS, "separate_stats_pass": separate_stats}
+            "fused_touches": fused - FUSED_REREADS}
 
 
 def conv_bytes(case):
@@ -669,7 +667,6 @@ def _run_bytes(case, ctx):
         activation_bytes_fused=fused_bytes, activation_bytes_ratio=fused_bytes / eager_bytes,
         conv_bytes=own, total_bytes_eager=eager_bytes + own, total_bytes_fused=fused_bytes + own,
         total_bytes_ratio=(fused_bytes + own) / (eager_bytes + own),
-        separate_stats_pass=units["separate_stats_pass"],
         model_touches_eager=units["eager_touches"], model_touches_fused=units["fused_touches"],
         **extra)]
 

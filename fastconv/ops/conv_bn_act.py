@@ -9,10 +9,10 @@
 * anything else                   -> fastconv::conv2d_bn_act, an implicit GEMM
   (M = N*Ho*Wo pixels, K = C_in/groups*kh*kw, N = C_out/groups per group).
 
-For training, fastconv::conv2d_batch_stats is the same implicit GEMM without the epilogue whose
-kernels also return the per-channel batch mean and biased variance of what they wrote, so that
-BatchNorm's statistics cost no extra read of the activation (`conv_with_batch_stats` routes the
-same way, with a separate statistics pass after the depthwise and pointwise kernels).
+For training, fastconv::conv2d_batch_stats is the convolution without the epilogue whose kernels
+(each route's: depthwise, pointwise or implicit GEMM) also return the per-channel batch mean and
+biased variance of what they wrote, so that BatchNorm's statistics cost no extra read of the
+activation. (The cuda backend has the implicit GEMM only, which serves every route.)
 
 Backward: the epilogue's through bn_act's backward (recomputing the pre-epilogue conv rather
 than keeping it alive), then grad_input and grad_weight on the route's own backward: fastconv's
@@ -156,11 +156,17 @@ def _stats_cuda(x, weight, bias, stride, padding, dilation, groups):
 
 
 def _stats_triton(x, weight, bias, stride, padding, dilation, groups):
-    from fastconv.triton_kernels.conv_gemm import conv_gemm
+    """Each route's kernel with its statistics epilogue: no separate pass over c."""
+    from fastconv.triton_kernels import conv_gemm, depthwise, pointwise
 
-    out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
     bias = bias.contiguous() if bias is not None else None
-    return conv_gemm(x, weight, out, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32())
+    kind = route(x.shape[1], weight.shape, stride, padding, groups)
+    if kind == "depthwise":
+        return depthwise.depthwise_forward_with_stats(x, weight, bias, stride, padding, dilation)
+    out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
+    if kind == "pointwise":
+        return pointwise.pointwise_gemm_with_stats(x, weight[:, :, 0, 0], out, bias, _allow_tf32())
+    return conv_gemm.conv_gemm(x, weight, out, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32())
 
 
 def _stats_torch(x, weight, bias, stride, padding, dilation, groups):
@@ -339,15 +345,8 @@ def routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, sca
 
 
 def conv_with_batch_stats(x, weight, bias, stride, padding, dilation, groups) -> tuple:
-    """(c, mean, var) of the convolution, with normalised arguments (padding as four numbers).
-
-    The implicit GEMM computes the statistics in its epilogue; after the depthwise and pointwise
-    kernels a separate pass reads c once more (fastconv::batch_norm_stats).
-    """
-    if x.dim() == 4 and weight.dim() == 4 and route(x.shape[1], weight.shape, stride, padding, groups) != "gemm":
-        c = routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, None, None, None)
-        mean, var = torch.ops.fastconv.batch_norm_stats(c.detach())
-        return c, mean, var
+    """(c, mean, var) of the convolution, with normalised arguments (padding as four numbers):
+    every route's kernel computes the statistics in its epilogue."""
     return torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, groups)
 
 
