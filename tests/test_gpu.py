@@ -233,11 +233,16 @@ def test_depthwise_past_two_to_the_31_elements(backend):
 
 
 POINTWISE_BACKENDS = [p for p in backends_under_test(importlib.import_module("fastconv.ops.pointwise").FORWARD) if p.values[0] != "torch"]
+# Tests that take the weight gradient under one backend need it to implement that too (cuda has
+# only the forward so far).
+POINTWISE_GRAD_BACKENDS = [
+    p for p in backends_under_test(importlib.import_module("fastconv.ops.pointwise").WEIGHT_GRAD) if p.values[0] != "torch"
+]
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", POINTWISE_BACKENDS)
+@pytest.mark.parametrize("backend", POINTWISE_GRAD_BACKENDS)
 def test_pointwise_sanitizer_subset(backend, layout, dtype):
     """Small fused 1x1 convs on every layout; bfloat16 tl.dot is checked here, not on the CPU."""
     x = random_tensor((2, 40, 9, 7), dtype, layout).requires_grad_()
@@ -263,7 +268,7 @@ def test_pointwise_sanitizer_subset(backend, layout, dtype):
         assert_matches_reference(f"grad_{name}", got, want, terms=24 if name == "x" else 2 * 9 * 7)
 
 
-@pytest.mark.parametrize("backend", POINTWISE_BACKENDS)
+@pytest.mark.parametrize("backend", POINTWISE_GRAD_BACKENDS)
 def test_pointwise_weight_gradient_is_bitwise_deterministic(backend):
     x = random_tensor((32, 96, 28, 28), torch.float16, "channels_last")
     grad_c = random_tensor((32, 64, 28, 28), torch.float16, "channels_last")
@@ -291,3 +296,177 @@ def test_pointwise_cuda_graph_into_a_concat_buffer(backend):
     graph.replay()
     expected = fastconv.reference.pointwise_conv2d(buffer[:, :64], weight, None, None, None, None, None, False, in_scale, in_shift, "relu")
     torch.testing.assert_close(buffer[:, 64:], expected, atol=2e-2, rtol=2e-2)
+
+
+# Tensor-core GEMM ops of the extension, called directly (fastconv_cuda::pointwise_forward and
+# fastconv_cuda::conv_forward) ----------------------------------------------------------------
+
+needs_cuda_ops = pytest.mark.skipif(
+    not fastconv.backends.available()["cuda"].available, reason="the cuda backend (extension) is unavailable"
+)
+_ACTS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
+
+
+def _pointwise_case(shape, c_out, dtype, layout, out_layout="channels_last", prologue=False, residual=False,
+                    after=False, activation="relu6", transposed=False):
+    """Inputs, the cuda op's output, and the float64 / low-precision references."""
+    n, c_in, h, w = shape
+    x = random_tensor(shape, dtype, layout)
+    if transposed:  # the grad_input pass: a transposed view of a (C_in, C_out) weight
+        weight = (torch.randn(c_in, c_out, device="cuda") / c_in**0.5).to(dtype).t()
+    else:
+        weight = (torch.randn(c_out, c_in, device="cuda") / c_in**0.5).to(dtype)
+    bias = torch.randn(c_out, device="cuda").to(dtype)
+    scale, shift = torch.rand(c_out, device="cuda") + 0.5, torch.randn(c_out, device="cuda")
+    in_scale = torch.rand(c_in, device="cuda") + 0.5 if prologue else None
+    in_shift = torch.randn(c_in, device="cuda") if prologue else None
+    in_act = "relu" if prologue else None
+    out = random_tensor((n, c_out, h, w), dtype, out_layout)
+    res = random_tensor((n, c_out, h, w), dtype, out_layout) if residual else None
+    args = (bias, scale, shift, activation, res, after, in_scale, in_shift, in_act)
+
+    def reference(wide):
+        cast = (lambda t: t.double() if t is not None else None) if wide else (lambda t: t)
+        return fastconv.reference.pointwise_conv2d(
+            cast(x), cast(weight)[:, :, None, None], *[cast(a) if isinstance(a, torch.Tensor) or a is None else a for a in args]
+        )
+
+    expected64, lowp = reference(True), reference(False)
+    if residual:
+        out = res  # out may be the residual itself: read and written by the same thread
+    torch.ops.fastconv_cuda.pointwise_forward(
+        x, weight, bias, scale, shift, _ACTS[activation], res, after, in_scale, in_shift, _ACTS[in_act], False, out
+    )
+    return out, expected64, lowp
+
+
+@needs_cuda_ops
+@pytest.mark.parametrize(
+    "shape, c_out, layout, options",
+    [
+        ((2, 64, 7, 9), 40, "channels_last", {}),
+        ((3, 40, 5, 5), 24, "nchw", dict(prologue=True)),
+        ((2, 32, 9, 7), 48, "channel_slice", dict(prologue=True, out_layout="channel_slice")),
+        ((2, 20, 6, 5), 17, "spatial_slice", dict(out_layout="nchw", residual=True)),
+        ((2, 48, 7, 7), 56, "channels_last", dict(residual=True, after=True, activation="relu")),
+        ((4, 960, 7, 7), 160, "channels_last", {}),  # skinny: M = 196, long K
+        ((2, 16, 112, 112), 96, "channels_last", dict(activation="silu")),  # wide: K = 16
+        ((2, 72, 9, 9), 24, "channels_last", dict(transposed=True, activation=None)),
+    ],
+    ids=["cl", "nchw-prologue", "slice-in-out", "spatial-residual", "residual-before-act", "skinny", "wide", "transposed-w"],
+)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_pointwise_cuda_op_matches_float64(shape, c_out, layout, options, dtype):
+    out, expected64, lowp = _pointwise_case(shape, c_out, dtype, layout, **options)
+    assert_matches_reference("out", out, expected64, lowp, terms=shape[1])
+
+
+@needs_cuda_ops
+@pytest.mark.parametrize("c_in", (16, 13), ids=("vec", "scalar"))
+def test_pointwise_cuda_sanitizer_tiny(c_in):
+    out, expected64, lowp = _pointwise_case((1, c_in, 3, 5), 10, torch.float16, "channel_slice", prologue=True, residual=True)
+    assert_matches_reference("out", out, expected64, lowp, terms=c_in)
+
+
+@needs_cuda_ops
+def test_pointwise_cuda_tf32_only_when_allowed():
+    x, weight = torch.randn(1, 8, 4, 4, device="cuda"), torch.randn(8, 8, device="cuda")
+    out = torch.empty(1, 8, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="float16 or bfloat16 when allow_tf32 is false"):
+        torch.ops.fastconv_cuda.pointwise_forward(x, weight, None, None, None, 0, None, False, None, None, 0, False, out)
+    torch.ops.fastconv_cuda.pointwise_forward(x, weight, None, None, None, 0, None, False, None, None, 0, True, out)
+    torch.testing.assert_close(out, torch.einsum("nkhw,jk->njhw", x, weight), atol=2e-2, rtol=2e-2)
+
+
+def _conv_reference(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    top, left, bottom, right = padding
+    y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    return fastconv.reference.conv_epilogue(y, scale, shift, activation)
+
+
+def _conv_case(shape, c_out, kernel, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
+               layout="channels_last", dtype=torch.float16, activation="relu", stats=True):
+    x = random_tensor(shape, dtype, layout)
+    fan_in = shape[1] // groups * kernel[0] * kernel[1]
+    weight = (torch.randn(c_out, shape[1] // groups, *kernel, device="cuda") / fan_in**0.5).to(dtype)
+    bias = torch.randn(c_out, device="cuda").to(dtype)
+    scale, shift = torch.rand(c_out, device="cuda") + 0.5, torch.randn(c_out, device="cuda")
+    conv = (stride, padding, dilation, groups)
+    out, mean, var = torch.ops.fastconv_cuda.conv_forward(
+        x, weight, bias, list(stride), list(padding), list(dilation), groups, scale, shift, _ACTS[activation], stats, False
+    )
+    expected64 = _conv_reference(x.double(), weight.double(), bias.double(), *conv, scale.double(), shift.double(), activation)
+    lowp = _conv_reference(x, weight, bias, *conv, scale, shift, activation)
+    assert_matches_reference("out", out, expected64, lowp, terms=fan_in)
+    from fastconv._conv_args import output_memory_format
+
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+    if stats:
+        # The statistics are of the stored (rounded) output, so compare with torch's over `out`.
+        want_var, want_mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var, want_var, rtol=1e-4, atol=1e-5)
+    else:
+        assert mean.shape == var.shape == (0,)
+    return x, weight, bias, scale, shift, out, mean, var
+
+
+@needs_cuda_ops
+@pytest.mark.parametrize(
+    "shape, c_out, kernel, options",
+    [
+        ((2, 16, 13, 11), 24, (3, 3), dict(stride=(2, 2), padding=(1, 1, 1, 1))),
+        ((2, 16, 13, 11), 24, (3, 3), dict(stride=(2, 2), padding=(1, 1, 1, 1), layout="nchw")),
+        ((3, 32, 9, 10), 32, (3, 3), dict(padding=(1, 1, 1, 1), groups=2)),
+        ((2, 24, 12, 12), 40, (1, 7), dict(padding=(0, 3, 0, 3), activation="silu")),
+        ((2, 16, 15, 15), 16, (7, 1), dict(padding=(3, 0, 3, 0), layout="channel_slice")),
+        ((2, 8, 17, 17), 16, (3, 3), dict(padding=(2, 2, 2, 2), dilation=(2, 2))),
+        ((2, 8, 16, 16), 12, (4, 4), dict(stride=(2, 2), padding=(1, 1, 2, 2), activation=None)),  # "same"-like, even kernel
+        ((1, 3, 64, 64), 32, (7, 7), dict(stride=(2, 2), padding=(3, 3, 3, 3))),  # a stem: 3 channels, scalar loads
+        ((2, 8, 30, 30), 16, (11, 11), dict(stride=(4, 4), padding=(2, 2, 2, 2), layout="spatial_slice")),
+        ((4, 256, 7, 7), 160, (3, 3), dict(padding=(1, 1, 1, 1), stats=False)),  # skinny, long K
+        ((2, 64, 56, 56), 64, (3, 3), dict(padding=(1, 1, 1, 1))),
+    ],
+    ids=["3x3s2", "3x3s2-nchw", "groups2", "1x7", "7x1-slice", "dil2", "asym-pad-even", "stem7x7", "11x11s4", "skinny", "56x56"],
+)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_conv_forward_cuda_matches_float64(shape, c_out, kernel, options, dtype):
+    _conv_case(shape, c_out, kernel, dtype=dtype, **options)
+
+
+@needs_cuda_ops
+def test_conv_forward_cuda_statistics_are_deterministic_and_nan_when_empty():
+    x, weight, bias, scale, shift, out, mean, var = _conv_case((8, 32, 30, 30), 48, (3, 3), padding=(1, 1, 1, 1))
+    for _ in range(3):
+        again = torch.ops.fastconv_cuda.conv_forward(x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, scale, shift, 1, True, False)
+        assert torch.equal(again[0], out) and torch.equal(again[1], mean) and torch.equal(again[2], var)
+    empty = torch.empty(0, 32, 30, 30, device="cuda", dtype=torch.float16)
+    out, mean, var = torch.ops.fastconv_cuda.conv_forward(empty, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, None, None, 0, True, False)
+    assert out.shape == (0, 48, 30, 30) and mean.isnan().all() and var.isnan().all()
+
+
+@needs_cuda_ops
+@pytest.mark.parametrize("layout, groups", [("channels_last", 1), ("nchw", 2)], ids=["vec", "scalar-groups"])
+def test_conv_forward_cuda_sanitizer_tiny(layout, groups):
+    _conv_case((1, 8, 6, 5), 6, (3, 3), stride=(1, 2), padding=(1, 0, 1, 2), groups=groups, layout=layout)
+
+
+@needs_cuda_ops
+def test_conv_forward_cuda_tf32():
+    x = torch.randn(2, 8, 9, 9, device="cuda")
+    weight = torch.randn(16, 8, 3, 3, device="cuda") / 8
+    out, _, _ = torch.ops.fastconv_cuda.conv_forward(x, weight, None, [1, 1], [1] * 4, [1, 1], 1, None, None, 0, False, True)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight, padding=1), atol=1e-2, rtol=1e-2)
+
+
+@needs_cuda_ops
+@pytest.mark.parametrize("dtype, tf32", [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True)], ids=["fp16", "bf16", "tf32"])
+def test_conv_forward_cuda_statistics_when_mean_dominates(dtype, tf32):
+    """|mean| >> std: per-chunk means refined by their deviations keep the variance accurate."""
+    x = random_tensor((4, 16, 20, 20), dtype, "channels_last")
+    weight = (torch.randn(24, 16, 3, 3, device="cuda") / 12).to(dtype)
+    bias = torch.full((24,), 1000.0 if dtype == torch.float32 else 50.0, device="cuda").to(dtype)
+    out, mean, var = torch.ops.fastconv_cuda.conv_forward(x, weight, bias, [1, 1], [1] * 4, [1, 1], 1, None, None, 0, True, tf32)
+    want_var, want_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,7 +185,9 @@ def test_gradcheck_float64(backend):
 def test_opcheck(backend):
     t = make((2, 5, 3, 4), 6, epilogue=True, residual=True, prologue=True)
     args = (t["x"], t["weight"], t["bias"], t["scale"], t["shift"], "relu", t["residual"], True, t["in_scale"], t["in_shift"], "relu6")
-    with fastconv.use_backend(backend):
+    # The cuda GEMM runs float32 on TF32 tensor cores only: allow it for this registration check.
+    tf32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=True) if backend == "cuda" else contextlib.nullcontext()
+    with fastconv.use_backend(backend), tf32:
         torch.library.opcheck(torch.ops.fastconv.pointwise_conv2d.default, args)
         detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         out = torch.empty(2, 6, 3, 4, device=DEVICE)

@@ -137,10 +137,47 @@ def _forward_triton(out, x, weight, bias, scale, shift, activation, residual, af
     )  # fmt: skip
 
 
+def _cuda_supports(out, x, *rest) -> Optional[str]:
+    if x.dtype == torch.float64:
+        return "its tensor-core kernels take float16, bfloat16 and (as tf32) float32; got float64"
+    if x.dtype == torch.float32 and not _allow_tf32():
+        return "float32 runs only as tf32 on its tensor cores, and TF32 is not allowed (torch.backends.*.allow_tf32)"
+    return None
+
+
+def _forward_cuda(out, x, weight, bias, scale, shift, activation, residual, after, in_scale, in_shift, in_activation):
+    torch.ops.fastconv_cuda.pointwise_forward(
+        x, weight[:, :, 0, 0], bias, scale, shift, activation_code(activation), residual, after,
+        in_scale, in_shift, activation_code(in_activation), _allow_tf32(), out,
+    )  # fmt: skip
+    return out
+
+
 def _weight_grad_torch(grad_c, x, in_scale, in_shift, in_activation):
     a = reference.pointwise_prologue(x, in_scale, in_shift, in_activation)
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.einsum("njhw,nkhw->jk", grad_c.to(wide), a.to(wide))
+
+
+def _pixel_matrix(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) as an (N*H*W, C) matrix: a view for channels_last tensors, else a copy."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _weight_grad_cuda(grad_c, x, in_scale, in_shift, in_activation):
+    """cuBLAS: grad_w = grad_c^T a as one GEMM over the pixels, a being the prologue's output,
+    which is materialised here (one write and one read of x's size when there is a prologue).
+
+    Not yet a kernel of fastconv's own: the forward kernel's operand loaders reduce over
+    channels, this GEMM reduces over pixels. cuBLAS is deterministic for a fixed shape."""
+    a = reference.pointwise_prologue(x, in_scale, in_shift, in_activation)
+    g, a = _pixel_matrix(grad_c).t(), _pixel_matrix(a)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(g, a, out_dtype=torch.float32)  # fp32 accumulate and result
+        except (TypeError, RuntimeError):  # torch without mm's out_dtype (before 2.8)
+            return torch.mm(g.float(), a.float())
+    return torch.mm(g, a).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _weight_grad_triton(grad_c, x, in_scale, in_shift, in_activation):
@@ -151,10 +188,12 @@ def _weight_grad_triton(grad_c, x, in_scale, in_shift, in_activation):
 
 
 FORWARD = OpImplementations("pointwise_conv2d")
+FORWARD.register("cuda", _forward_cuda, _cuda_supports)
 FORWARD.register("triton", _forward_triton)
 FORWARD.register("torch", _forward_torch)
 
 WEIGHT_GRAD = OpImplementations("pointwise_conv2d_backward_weight")
+WEIGHT_GRAD.register("cuda", _weight_grad_cuda)
 WEIGHT_GRAD.register("triton", _weight_grad_triton)
 WEIGHT_GRAD.register("torch", _weight_grad_torch)
 
