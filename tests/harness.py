@@ -157,15 +157,21 @@ def seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_backend(backend: str, function: Callable, *args, **kwargs):
-    """function(*args, **kwargs) on `backend`. A call outside what the backend declares it
-    supports (say, float32 without TF32 on the cuda pointwise GEMM, which runs on tensor cores
-    only) skips the test with the backend's reason: that refusal is the documented behaviour."""
+@contextlib.contextmanager
+def on_backend(backend: str) -> Iterator[None]:
+    """fastconv.use_backend(backend), except that a call outside what the backend declares it
+    supports (say, float32 without TF32 on the cuda tensor-core GEMMs, or float64 on any cuda
+    kernel) skips the test with the backend's reason: that refusal is the documented behaviour."""
     with fastconv.use_backend(backend):
         try:
-            return function(*args, **kwargs)
+            yield
         except RuntimeError as error:
-            declined = f"fastconv: backend {backend!r} cannot run "
-            if str(error).startswith(declined):
+            if str(error).startswith(f"fastconv: backend {backend!r} cannot run "):
                 pytest.skip(str(error))
             raise
+
+
+def run_backend(backend: str, function: Callable, *args, **kwargs):
+    """function(*args, **kwargs) on `backend` (see on_backend)."""
+    with on_backend(backend):
+        return function(*args, **kwargs)

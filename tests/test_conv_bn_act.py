@@ -7,6 +7,8 @@ the batch-statistics epilogue) directly.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -180,7 +182,9 @@ def test_opcheck(backend):
     t, _ = make("even-same-groups4")
     geometry = ((1, 1), (0, 0, 1, 1), (1, 1), 4)
     args = (t["x"], t["weight"], t["bias"], *geometry, t["scale"], t["shift"], "hardswish")
-    with fastconv.use_backend(backend):
+    # The cuda GEMM runs float32 on TF32 tensor cores only: allow it for this registration check.
+    tf32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=True) if backend == "cuda" else contextlib.nullcontext()
+    with fastconv.use_backend(backend), tf32:
         torch.library.opcheck(torch.ops.fastconv.conv2d_bn_act.default, args)
         torch.library.opcheck(torch.ops.fastconv.conv2d_batch_stats.default, args[:7])
 

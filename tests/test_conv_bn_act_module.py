@@ -16,10 +16,9 @@ import torch
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-import fastconv
 from fastconv.nn import ConvBNAct2d, convert_conv_bn_act
 from fastconv.ops import conv_bn_act as conv_ops
-from harness import DEVICE, assert_matches_reference, backends_under_test, random_tensor
+from harness import DEVICE, assert_matches_reference, backends_under_test, on_backend, random_tensor
 
 BACKENDS = backends_under_test(conv_ops.FORWARD)
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, None: None}
@@ -81,7 +80,7 @@ def test_eval_loads_torchvision_weights_and_matches(backend, geometry):
     unit = torchvision_unit(GEOMETRIES[geometry], dtype=torch.float32).eval()
     fused = fused_copy(unit).eval()
     x = random_tensor((2, unit[0].in_channels, 9, 8), torch.float32, "channels_last")
-    with torch.no_grad(), fastconv.use_backend(backend):
+    with torch.no_grad(), on_backend(backend):
         y = fused(x)
     expected = unit.double()(x.double())
     assert_matches_reference("y", y, expected, terms=unit[0].weight[0].numel())
@@ -96,7 +95,7 @@ def test_training_steps_match_batchnorm_exactly(backend, geometry, activation):
     fused = fused_copy(unit, activation).train()
     for step, layout in enumerate(["channels_last", "nchw", "channel_slice"]):
         x = random_tensor((2, unit[0].in_channels, 7, 6), torch.float64, layout).requires_grad_(True)
-        with fastconv.use_backend(backend):
+        with on_backend(backend):
             y = fused(x)
             grad_y = torch.randn_like(y)
             grads = torch.autograd.grad(y, [x, *fused.parameters()], grad_y)
@@ -119,7 +118,7 @@ def test_conv_bias_and_affine_free_batchnorm(backend):
         getattr(unit, mode)()
         getattr(fused, mode)()
         x = torch.randn(2, 4, 9, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        with fastconv.use_backend(backend):
+        with on_backend(backend):
             y = fused(x)
             grads = torch.autograd.grad(y.square().sum(), [x, *fused.parameters()])
         expected = unit(x)
@@ -262,7 +261,7 @@ def test_gradcheck_training_float64(backend, geometry):
         # meanwhile, which a training forward never reads.
         return torch.func.functional_call(fused, {"0.weight": conv_weight, "1.weight": bn_weight, "1.bias": bn_bias}, (x,))
 
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         assert torch.autograd.gradcheck(function, (x, conv_weight, bn_weight, bn_bias), fast_mode=True)
 
 
