@@ -49,9 +49,13 @@ def test_conv_bn_act_sanitizer_subset(backend, layout, dtype):
     with fastconv.use_backend("torch"):
         y64 = call(*wide)
         yardstick = call(*tensors)
+        # c is rounded to half precision on both sides before the parameter gradients sum over
+        # the pixels: the torch backend's error is the yardstick.
+        lowp_grads = torch.autograd.grad(yardstick.float().sum(), tensors)
     assert_matches_reference("y", y, y64, yardstick, terms=16 * 9)
-    for name, got, want in zip(("x", "weight", "scale", "shift"), grads, torch.autograd.grad(y64.sum(), wide)):
-        assert_matches_reference(f"grad_{name}", got, want, terms=48 * 9 if name == "x" else 2 * 6 * 5)
+    names = ("x", "weight", "scale", "shift")
+    for name, got, want, plain in zip(names, grads, torch.autograd.grad(y64.sum(), wide), lowp_grads):
+        assert_matches_reference(f"grad_{name}", got, want, plain, terms=48 * 9 if name == "x" else 2 * 6 * 5)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
