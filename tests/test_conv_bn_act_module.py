@@ -128,6 +128,21 @@ def test_conv_bias_and_affine_free_batchnorm(backend):
     assert_same_state(fused, unit)
 
 
+def test_a_swapped_child_runs_as_the_plain_modules():
+    """nn.SyncBatchNorm.convert_sync_batchnorm (DDP) swaps the BatchNorm: its cross-GPU
+    statistics must not be silently replaced by fastconv's local ones."""
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(ConvBNAct2d(3, 8, 3))
+    assert type(fused[1]) is nn.SyncBatchNorm and list(fused.state_dict()) == list(ConvBNAct2d(3, 8, 3).state_dict())
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), torch.clamp(fused[1](fused[0](x)), 0, 6))
+    calls = []
+    sync_forward = fused[1].forward
+    fused[1].forward = lambda x: calls.append(x.shape) or sync_forward(x)
+    fused.train()(x)
+    assert calls == [(2, 8, 9, 9)]  # SyncBatchNorm's own forward ran, not fastconv's
+
+
 def test_cumulative_average_when_momentum_is_none():
     unit = torchvision_unit(GEOMETRIES["gemm-3x3-s2"], momentum=None).train()
     fused = fused_copy(unit).train()

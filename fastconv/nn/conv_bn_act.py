@@ -137,6 +137,11 @@ class ConvBNAct2d(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self[0], self[1]
+        if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+            # A child swapped for another kind, say by nn.SyncBatchNorm.convert_sync_batchnorm
+            # under DDP: fusing would silently drop its semantics (cross-GPU statistics), so run
+            # the modules as they are.
+            return nn.Sequential.forward(self, x)
         if conv.padding_mode != "zeros":
             fail(f"the conv's padding_mode must be 'zeros'; got {conv.padding_mode!r}")
         stride, padding, dilation = normalise_geometry(conv.weight, conv.stride, conv.padding, conv.dilation)
