@@ -95,6 +95,26 @@ def test_eval_fold_is_cached_until_a_statistic_changes():
         torch.testing.assert_close(bn(x), torch.relu(nn.BatchNorm2d(8).eval()(x)))
 
 
+def test_convert_sync_batchnorm_keeps_the_activation():
+    """torch's converter would make a plain SyncBatchNorm of a BatchNormAct2d, dropping its ReLU6."""
+    from fastconv.nn import ConvBNAct2d, SyncBatchNormAct2d, convert_sync_batchnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, "relu6"), ConvBNAct2d(8, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].bias.add_(3)  # so that ReLU6 clips
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    keys = list(model.state_dict())
+    converted = convert_sync_batchnorm(model)
+    assert type(converted[1]) is SyncBatchNormAct2d and converted[1].activation == "relu6"
+    assert type(converted[2][1]) is nn.SyncBatchNorm and type(converted[3]) is nn.SyncBatchNorm
+    assert list(converted.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected)
+
+
 def test_eval_rejects_non_4d_input_like_batchnorm2d():
     fused = BatchNormAct2d(3).eval()
     with pytest.raises(ValueError, match="expected 4D input"):

@@ -23,6 +23,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
     its exact batch-statistics semantics, then the activation. In eval mode it folds the
     running statistics into a per-channel scale and shift and runs `fastconv.bn_act`: one
     read and one write of the activation instead of two of each.
+
+    Under DDP use `fastconv.nn.convert_sync_batchnorm`, not torch's: torch's converter turns
+    it into a plain SyncBatchNorm and silently drops the activation.
     """
 
     def __init__(
@@ -82,3 +85,47 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class SyncBatchNormAct2d(nn.SyncBatchNorm):
+    """nn.SyncBatchNorm followed by an activation: a BatchNormAct2d under DDP with synchronised
+    statistics. The same state_dict keys as BatchNormAct2d. Made by `convert_sync_batchnorm`."""
+
+    def __init__(self, num_features: int, activation: Optional[str] = "relu", *args, **kwargs) -> None:
+        activation_code(activation)
+        super().__init__(num_features, *args, **kwargs)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_activation(super().forward(x), self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """torch.nn.SyncBatchNorm.convert_sync_batchnorm that keeps BatchNormAct2d's activation.
+
+    Torch's converter turns every BatchNorm, BatchNormAct2d included, into a plain SyncBatchNorm,
+    which would silently drop the activation; this one makes a SyncBatchNormAct2d of each
+    BatchNormAct2d (sharing its parameters and buffers) and leaves the rest to torch's. Returns
+    the converted module (a new object when `module` itself is a BatchNorm), as torch's does.
+    """
+    if isinstance(module, BatchNormAct2d):
+        synced = SyncBatchNormAct2d(
+            module.num_features, module.activation, module.eps, module.momentum, module.affine,
+            module.track_running_stats, process_group,
+        )  # fmt: skip
+        if module.affine:
+            synced.weight, synced.bias = module.weight, module.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(synced, name, getattr(module, name))
+        synced.train(module.training)
+        return synced
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
