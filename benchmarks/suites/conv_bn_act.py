@@ -75,8 +75,9 @@ the conv's output, b the BatchNorm's, y the activation's):
   fused backward   reads grad_y and c (the reductions), reads them again (the
                    elementwise pass, act' recomputed from c), writes grad_c        5
                                                                            fused:   8 A
-  ratio fused / eager = 8 / 14 = 0.57. Every route's kernel (implicit GEMM, depthwise,
-  pointwise) computes the statistics in its epilogue, so the count holds on every shape.
+  ratio fused / eager = 8 / 14 = 0.57. The implicit GEMM, which serves every shape here,
+  computes the statistics in its epilogue on both GPU backends (only the cuda backend's
+  depthwise and pointwise routes would add a statistics pass, +1 A).
   Not counted above, because they are the same on both sides, and listed separately
   (`conv_bytes`): the conv's own traffic, forward read x and the weight; backward, grad_input
   reads grad_c and the weight and writes grad_x, grad_weight reads grad_c and x and writes

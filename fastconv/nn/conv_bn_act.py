@@ -29,7 +29,7 @@ from fastconv._conv_args import positive_pair
 from fastconv._validation import fail
 from fastconv.activations import activation_code
 from fastconv.nn._fold_cache import DerivedTensorCache
-from fastconv.ops.conv_bn_act import autocast_inputs, conv_with_batch_stats, normalise_geometry, routed_conv2d_bn_act
+from fastconv.ops.conv_bn_act import autocast_inputs, normalise_geometry, routed_conv2d_bn_act
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 _ACTIVATION_NAMES = {module: name for name, module in _ACTIVATION_MODULES.items()}
@@ -157,7 +157,7 @@ class ConvBNAct2d(nn.Sequential):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             fail(f"x must be a 4-D tensor (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
         x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
-        c, mean, var = conv_with_batch_stats(x, weight, bias, stride, padding, dilation, conv.groups)
+        c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, conv.groups)
         count = c.shape[0] * c.shape[2] * c.shape[3]
         if bn.training and count == 1:
             fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
@@ -199,7 +199,9 @@ class ConvBNAct2d(nn.Sequential):
         if bn.bias is not None:
             shift = shift + bn.bias.to(wide)
         # The shift stays in float32: the epilogue takes it so, and it holds the large
-        # running-mean offsets that half precision would round.
+        # running-mean offsets that half precision would round. The weight keeps conv.weight's
+        # memory format (a channels_last model's is the layout the implicit GEMM reads; forcing
+        # it on an NCHW model would make cuDNN return channels_last outputs to copy back).
         weight = (conv.weight.to(wide) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
         return weight, shift
 

@@ -12,7 +12,8 @@
 For training, fastconv::conv2d_batch_stats is the convolution without the epilogue whose kernels
 (each route's: depthwise, pointwise or implicit GEMM) also return the per-channel batch mean and
 biased variance of what they wrote, so that BatchNorm's statistics cost no extra read of the
-activation. (The cuda backend has the implicit GEMM only, which serves every route.)
+activation. (On the cuda backend only the implicit GEMM has that epilogue: its depthwise and
+pointwise routes add one statistics pass over c.)
 
 Backward: the epilogue's through bn_act's backward (recomputing the pre-epilogue conv rather
 than keeping it alive), then grad_input and grad_weight on the route's own backward: fastconv's
@@ -148,11 +149,20 @@ def _forward_torch(x, weight, bias, stride, padding, dilation, groups, scale, sh
 
 
 def _stats_cuda(x, weight, bias, stride, padding, dilation, groups):
-    return tuple(
-        torch.ops.fastconv_cuda.conv_forward(
-            x, weight, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32()
-        )
-    )
+    """The implicit GEMM with its statistics epilogue; on the depthwise and pointwise routes
+    their own kernels, then one statistics pass over c (those CUDA kernels have no statistics
+    epilogue yet, and a depthwise conv as a GEMM of K = kh*kw would waste the tensor cores)."""
+    cuda = torch.ops.fastconv_cuda
+    kind = route(x.shape[1], weight.shape, stride, padding, groups)
+    if kind == "gemm":
+        return tuple(cuda.conv_forward(x, weight, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32()))
+    if kind == "depthwise":
+        c = cuda.depthwise_forward(x, weight, bias, stride, padding, dilation, None, None, 0)
+    else:
+        c = _new_output(x, weight, tuple(x.shape[2:]))
+        cuda.pointwise_forward(x, weight[:, :, 0, 0], bias, None, None, 0, None, False, None, None, 0, _allow_tf32(), c)
+    mean, var = cuda.batch_norm_stats(c)
+    return c, mean, var
 
 
 def _stats_triton(x, weight, bias, stride, padding, dilation, groups):
@@ -342,12 +352,6 @@ def routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, sca
     if kind == "pointwise":
         return ops.pointwise_conv2d(x, weight, bias, scale, shift, activation, None, False, None, None, None)
     return ops.conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation)
-
-
-def conv_with_batch_stats(x, weight, bias, stride, padding, dilation, groups) -> tuple:
-    """(c, mean, var) of the convolution, with normalised arguments (padding as four numbers):
-    every route's kernel computes the statistics in its epilogue."""
-    return torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, groups)
 
 
 def normalise_geometry(weight: torch.Tensor, stride, padding, dilation) -> tuple:

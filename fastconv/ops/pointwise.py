@@ -173,10 +173,9 @@ def _weight_grad_cuda(grad_c, x, in_scale, in_shift, in_activation):
     a = reference.pointwise_prologue(x, in_scale, in_shift, in_activation)
     g, a = _pixel_matrix(grad_c).t(), _pixel_matrix(a)
     if x.dtype in (torch.float16, torch.bfloat16):
-        try:
+        if "dtype" in torch.ops.aten.mm.overloads():
             return torch.mm(g, a, out_dtype=torch.float32)  # fp32 accumulate and result
-        except (TypeError, RuntimeError):  # torch without mm's out_dtype (before 2.8)
-            return torch.mm(g.float(), a.float())
+        return torch.mm(g.float(), a.float())  # a torch without mm's out_dtype (before 2.8)
     return torch.mm(g, a).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
