@@ -175,6 +175,20 @@ def _cuda_extension():
     return [ext], cmdclass
 
 
+# The top-level triton_kernels/ and benchmarks/ folders are installed *inside* the package,
+# as fastconv.triton_kernels and fastconv.benchmarks: a top-level `triton_kernels` package
+# would shadow the Triton project's package of that name, and an installed fastconv can then
+# run its own benchmarks (`python -m fastconv.benchmarks.run`).
+PACKAGE_DIR = {"fastconv.triton_kernels": "triton_kernels", "fastconv.benchmarks": "benchmarks"}
+
+
+def _packages():
+    packages = find_packages(include=["fastconv", "fastconv.*"])
+    for name, folder in PACKAGE_DIR.items():
+        packages += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
+    return packages
+
+
 ext_modules, cmdclass = _cuda_extension()
 
 setup(
@@ -182,9 +196,9 @@ setup(
     version="0.1.0",
     description="Fused Triton and CUDA C++ kernels for CNN convolution blocks in PyTorch",
     python_requires=">=3.10",
-    # fastconv/triton_kernels is a symlink to ../triton_kernels; installing a top-level
-    # `triton_kernels` package would shadow Triton's own, so only fastconv.* is included.
-    packages=find_packages(include=["fastconv", "fastconv.*"]),
+    packages=_packages(),
+    package_dir=PACKAGE_DIR,
+    package_data={"fastconv.benchmarks": ["*.md", "*.sh"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; sys_platform == 'linux'",
