@@ -1,7 +1,7 @@
 // Training-mode BatchNorm in CUDA C++: fastconv_cuda::batch_norm_stats (per-channel batch
 // mean and biased variance) and fastconv_cuda::batch_norm_act_backward (the gradient through
 // activation, affine and batch statistics). The CUDA twins of triton_kernels/batch_norm.py,
-// with the same formulas; see its docstrings. The stage-1 kernels are in batch_norm_train.cuh;
+// with the same formulas; see its docstrings. The stage-1 kernels are in batch_norm.cuh;
 // this file holds the second stages, the launchers and the ops.
 //
 // Layouts follow bn_act (bn_act_common.cuh): the rows kernels serve tensors whose channels
@@ -28,7 +28,7 @@
 
 #include "activations.cuh"
 #include "autotune.h"
-#include "batch_norm_train.cuh"
+#include "batch_norm.cuh"
 #include "bn_act_common.cuh"
 #include "checks.h"
 #include "layout.h"

@@ -1,6 +1,6 @@
 // Stage-1 kernels of the training-mode BatchNorm ops: the per-part statistics of
 // batch_norm_stats and the two passes of batch_norm_act_backward. Included by
-// batch_norm_train.cu alone, which holds the second-stage reductions, the launchers and the
+// batch_norm.cu alone, which holds the second-stage reductions, the launchers and the
 // ops; its header comment gives the design.
 #pragma once
 

@@ -1,5 +1,5 @@
-// Host side of the tensor-core GEMM core (gemm_common.cuh), shared by pointwise_gemm.cu and
-// conv_gemm.cu: argument checks common to both ops, the tile variants, and their launch.
+// Host side of the tensor-core GEMM core (gemm_common.cuh), shared by pointwise.cu and
+// conv_bn_act.cu: argument checks common to both ops, the tile variants, and their launch.
 #pragma once
 
 #include <ATen/core/Tensor.h>
