@@ -441,13 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
 }  // namespace
 }  // namespace fastconv
 
-TORCH_LIBRARY_FRAGMENT(fastconv_cuda, m) {
-  m.def("batch_norm_stats(Tensor c) -> (Tensor, Tensor)");
-  m.def(
-      "batch_norm_act_backward(Tensor grad_y, Tensor c, Tensor mean, Tensor invstd, Tensor? weight,"
-      " Tensor? bias, int activation) -> (Tensor, Tensor, Tensor)");
-}
-
+// The schema is defined once, in registration.cpp.
 TORCH_LIBRARY_IMPL(fastconv_cuda, CUDA, m) {
   m.impl("batch_norm_stats", &fastconv::batch_norm_stats);
   m.impl("batch_norm_act_backward", &fastconv::batch_norm_act_backward);

@@ -2,7 +2,7 @@
 // convolution as an implicit GEMM on the tensor cores, with the epilogue
 //   out = act((conv(x, weight) + bias) * scale + shift)
 // and optionally the per-channel mean and biased variance of the stored output (BatchNorm's
-// training statistics) reduced in the same pass. The schema, checks, the tap loader plugged
+// training statistics) reduced in the same pass. The checks, the tap loader plugged
 // into gemm_common.cuh's kernel, the statistics combine, and the CUDA / Meta registrations.
 //
 // GEMM view, per group g: M = N*Ho*Wo output pixels, K_g = (C_in/groups)*KH*KW, N_g =
@@ -304,14 +304,7 @@ Outputs conv_forward(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace gemm
 }  // namespace fastconv
 
-// Declared here rather than in registration.cpp so this op's files stand alone.
-TORCH_LIBRARY_FRAGMENT(fastconv_cuda, m) {
-  m.def(
-      "conv_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
-      " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation,"
-      " bool compute_stats, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
-}
-
+// The schema is defined once, in registration.cpp.
 TORCH_LIBRARY_IMPL(fastconv_cuda, CUDA, m) {
   m.impl("conv_forward", &fastconv::gemm::conv_forward);
 }

@@ -1,6 +1,6 @@
 // fastconv_cuda::pointwise_forward: a 1x1 convolution as one tensor-core GEMM over pixels,
 //   out[n, j, h, w] = epilogue_j(sum_k prologue_k(x[n, k, h, w]) * weight[j, k]),
-// the semantics of triton_kernels/pointwise.py's pointwise_gemm. The schema, checks, the
+// the semantics of triton_kernels/pointwise.py's pointwise_gemm. The checks, the
 // pixel loader plugged into gemm_common.cuh's kernel, and the CUDA / Meta registrations.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
@@ -210,14 +210,7 @@ void pointwise_forward(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace gemm
 }  // namespace fastconv
 
-// Declared here rather than in registration.cpp so this op's files stand alone.
-TORCH_LIBRARY_FRAGMENT(fastconv_cuda, m) {
-  m.def(
-      "pointwise_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift,"
-      " int activation, Tensor? residual, bool activation_after_residual, Tensor? in_scale,"
-      " Tensor? in_shift, int in_activation, bool allow_tf32, Tensor(a!) out) -> ()");
-}
-
+// The schema is defined once, in registration.cpp.
 TORCH_LIBRARY_IMPL(fastconv_cuda, CUDA, m) {
   m.impl("pointwise_forward", &fastconv::gemm::pointwise_forward);
 }

@@ -1,16 +1,27 @@
-// Operator schemas of the fastconv_cuda library and the Python module init.
+// The fastconv_cuda library: every operator schema of the extension, and the Python module
+// init that loads it.
+//
+// All schemas sit here, in one TORCH_LIBRARY, so that this one file lists the extension's
+// whole ABI: what the Python side (fastconv/ops/*.py) may call and with which arguments. The
+// public, stable schema is the Python custom ops' (torch.ops.fastconv.*); these raw ops are
+// its implementation detail, and one list makes a change to them visible in one diff. The
+// kernels register beside their code, per dispatch key: TORCH_LIBRARY_IMPL(fastconv_cuda,
+// CUDA / Meta, m) in bn_act.cu, depthwise.cu, pointwise.cu, conv_bn_act.cu, batch_norm.cu.
 //
 // The ops are reached through torch.ops.fastconv_cuda.*, not through pybind bindings:
 // importing fastconv._C just loads this shared object, whose static initializers register
-// the schemas below and the CUDA kernels (TORCH_LIBRARY_IMPL in bn_act.cu).
+// the schemas and the kernels.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastconv_cuda, m) {
+  // bn_act: y = act(x * scale[c] + shift[c]) and its gradient (bn_act.cu).
   m.def("bn_act_forward(Tensor x, Tensor scale, Tensor shift, int activation) -> Tensor");
   m.def(
       "bn_act_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, int activation)"
       " -> (Tensor, Tensor, Tensor)");
+
+  // depthwise: the depthwise conv with its fused epilogue, and its gradients (depthwise.cu).
   m.def(
       "depthwise_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
       " int[2] dilation, Tensor? scale, Tensor? shift, int activation) -> Tensor");
@@ -20,6 +31,25 @@ TORCH_LIBRARY(fastconv_cuda, m) {
   m.def(
       "depthwise_backward_weight(Tensor grad_c, Tensor x, Tensor weight, int[2] stride,"
       " int[4] padding, int[2] dilation) -> (Tensor, Tensor)");
+
+  // pointwise: the 1x1 conv as a tensor-core GEMM, written into `out` (pointwise.cu).
+  m.def(
+      "pointwise_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift,"
+      " int activation, Tensor? residual, bool activation_after_residual, Tensor? in_scale,"
+      " Tensor? in_shift, int in_activation, bool allow_tf32, Tensor(a!) out) -> ()");
+
+  // conv_bn_act: the implicit-GEMM conv with its epilogue and optional batch statistics
+  // (conv_bn_act.cu).
+  m.def(
+      "conv_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
+      " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation,"
+      " bool compute_stats, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
+
+  // batch_norm: the training BatchNorm's statistics and backward (batch_norm.cu).
+  m.def("batch_norm_stats(Tensor c) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_y, Tensor c, Tensor mean, Tensor invstd, Tensor? weight,"
+      " Tensor? bias, int activation) -> (Tensor, Tensor, Tensor)");
 }
 
 // An empty module: enough for `import fastconv._C` to load the library.
