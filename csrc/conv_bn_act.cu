@@ -1,4 +1,4 @@
-// fastconv_cuda::conv_forward: a k x k (grouped, strided, dilated, asymmetrically padded)
+// fastconv_cuda::conv_bn_act_forward: a k x k (grouped, strided, dilated, asymmetrically padded)
 // convolution as an implicit GEMM on the tensor cores, with the epilogue
 //   out = act((conv(x, weight) + bias) * scale + shift)
 // and optionally the per-channel mean and biased variance of the stored output (BatchNorm's
@@ -24,7 +24,7 @@ namespace fastconv {
 namespace gemm {
 namespace {
 
-constexpr const char* kOp = "fastconv_cuda::conv_forward";
+constexpr const char* kOp = "fastconv_cuda::conv_bn_act_forward";
 constexpr int64_t kMaxCoord = int64_t{1} << 30;  // sizes, pads, strides: int32 tap math
 
 // A[m, k] = x[n, g*C_in_g + c, oh*sh - pt + r*dh, ow*sw - pl + s*dw], zero outside x.
@@ -212,7 +212,7 @@ Outputs allocate(const at::Tensor& x, const Geometry& g, bool compute_stats) {
   return {out, at::empty({n}, f32), at::empty({n}, f32)};
 }
 
-Outputs conv_forward_meta(const at::Tensor& x, const at::Tensor& weight,
+Outputs conv_bn_act_forward_meta(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           const std::optional<at::Tensor>& scale,
@@ -223,7 +223,7 @@ Outputs conv_forward_meta(const at::Tensor& x, const at::Tensor& weight,
   return allocate(x, g, compute_stats);
 }
 
-Outputs conv_forward(const at::Tensor& x, const at::Tensor& weight,
+Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
@@ -306,9 +306,9 @@ Outputs conv_forward(const at::Tensor& x, const at::Tensor& weight,
 
 // The schema is defined once, in registration.cpp.
 TORCH_LIBRARY_IMPL(fastconv_cuda, CUDA, m) {
-  m.impl("conv_forward", &fastconv::gemm::conv_forward);
+  m.impl("conv_bn_act_forward", &fastconv::gemm::conv_bn_act_forward);
 }
 
 TORCH_LIBRARY_IMPL(fastconv_cuda, Meta, m) {
-  m.impl("conv_forward", &fastconv::gemm::conv_forward_meta);
+  m.impl("conv_bn_act_forward", &fastconv::gemm::conv_bn_act_forward_meta);
 }

@@ -1,5 +1,5 @@
 // The tensor-core GEMM core shared by fastconv_cuda::pointwise_forward (pointwise.cu)
-// and fastconv_cuda::conv_forward (conv_bn_act.cu): one CTA computes a BM x BN tile of
+// and fastconv_cuda::conv_bn_act_forward (conv_bn_act.cu): one CTA computes a BM x BN tile of
 //   out[m, j] = epilogue_j(sum_k A[m, k] * B[j, k])
 // with A read by a pluggable operand loader (pointwise pixels, or implicit-GEMM taps) and B
 // a 2-D weight view. mma.sync m16n8k16 for fp16/bf16, m16n8k8 tf32 for fp32, fp32 accumulate.

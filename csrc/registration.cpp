@@ -41,7 +41,7 @@ TORCH_LIBRARY(fastconv_cuda, m) {
   // conv_bn_act: the implicit-GEMM conv with its epilogue and optional batch statistics
   // (conv_bn_act.cu).
   m.def(
-      "conv_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
+      "conv_bn_act_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
       " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation,"
       " bool compute_stats, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
 

@@ -121,7 +121,7 @@ def test_depthwise_checks_name_the_argument(call, pattern):
         call(*depthwise_meta())
 
 
-# Tensor-core GEMM ops: pointwise_forward (1x1 conv) and conv_forward (implicit GEMM) --------
+# Tensor-core GEMM ops: pointwise_forward (1x1 conv) and conv_bn_act_forward (implicit GEMM) --------
 
 
 def test_gemm_op_schemas():
@@ -130,8 +130,8 @@ def test_gemm_op_schemas():
         " int activation, Tensor? residual, bool activation_after_residual, Tensor? in_scale, Tensor? in_shift,"
         " int in_activation, bool allow_tf32, Tensor(a!) out) -> ()"
     )
-    assert str(ops.conv_forward.default._schema) == (
-        "fastconv_cuda::conv_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
+    assert str(ops.conv_bn_act_forward.default._schema) == (
+        "fastconv_cuda::conv_bn_act_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
         " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation, bool compute_stats,"
         " bool allow_tf32) -> (Tensor, Tensor, Tensor)"
     )
@@ -196,7 +196,7 @@ def conv_meta(shape=(2, 8, 11, 13), out_channels=12, kernel=(3, 3), groups=1, dt
 
 def conv_call(x, weight, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1, bias=None, scale=None,
               shift=None, activation=0, compute_stats=True, allow_tf32=False):
-    return ops.conv_forward(x, weight, bias, list(stride), list(padding), list(dilation), groups, scale, shift,
+    return ops.conv_bn_act_forward(x, weight, bias, list(stride), list(padding), list(dilation), groups, scale, shift,
                             activation, compute_stats, allow_tf32)
 
 
@@ -261,5 +261,5 @@ def test_conv_forward_checks_name_the_argument(call, pattern):
 
 
 def test_gemm_ops_refuse_cpu_tensors():
-    with pytest.raises(NotImplementedError, match="fastconv_cuda::conv_forward.*CPU"):
+    with pytest.raises(NotImplementedError, match="fastconv_cuda::conv_bn_act_forward.*CPU"):
         conv_call(torch.randn(1, 2, 5, 5).half(), torch.randn(3, 2, 3, 3).half())
