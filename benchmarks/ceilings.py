@@ -1,10 +1,10 @@
 """The device's ceilings, measured in the same run as the kernels they judge.
 
 - Copy bandwidth: one large device-to-device copy, counting bytes read plus
-  written (PERF.md: about 4.3 TB/s on the H200). It is the floor denominator
+  written (benchmarks/FLOORS.md: about 4.3 TB/s on the H200). It is the floor denominator
   for memory-bound kernels.
 - bf16 matmul rate: 8192^3 on random data (zeros would let the tensor cores
-  idle at lower power and overstate the rate; PERF.md: 769-798 TFLOP/s).
+  idle at lower power and overstate the rate; benchmarks/FLOORS.md: 769-798 TFLOP/s).
 
 On the CPU, sizes shrink so the run stays short; the numbers only exercise the code.
 """
@@ -12,7 +12,8 @@ import torch
 
 from .timing import bench
 
-# Values from PERF.md, for a "% of the reference" sanity check of each measurement.
+# Values from benchmarks/FLOORS.md, for a "% of the reference" check of each measurement on a
+# GPU (suites/ceilings.py).
 H200_REFERENCE = {"copy_gbps": 4300.0, "matmul_tflops": 769.0}
 
 

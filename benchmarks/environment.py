@@ -1,7 +1,7 @@
 """Where a result came from: device, versions, clocks, commit and date.
 
 Every record carries these fields, so a number can always be traced to the
-machine and the code that produced it (PERF.md, "How to time").
+machine and the code that produced it (benchmarks/FLOORS.md, "How to time").
 """
 import datetime
 import os
@@ -82,7 +82,7 @@ def clocks() -> str | None:
 
 
 def l2_bytes() -> int:
-    """The L2 size rotation must exceed; PERF.md gives 60 MB for the H200."""
+    """The L2 size rotation must exceed; benchmarks/FLOORS.md gives 60 MB for the H200."""
     if device() == "cuda":
         size = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
         if size:

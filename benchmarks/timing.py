@@ -2,7 +2,7 @@
 
 Inputs are rotated: each call takes the next of several input sets whose total
 size exceeds L2, so no call reads data the previous call left in cache
-(PERF.md, "How to time"). do_bench also flushes L2 between calls; rotation
+(benchmarks/FLOORS.md, "How to time"). do_bench also flushes L2 between calls; rotation
 keeps the numbers honest even where a timer does not.
 """
 import math

@@ -30,10 +30,10 @@ Cases (record `kind`; the issue's targets):
   compile    the same forward vs "torch.compile frozen max-autotune": torch.compile of the eager
              Sequential with torch._inductor.config.freezing = True (restored after), under
              torch.no_grad(), mode "max-autotune-no-cudagraphs", dynamic=False. Freezing is what
-             lets Inductor fold the BatchNorm into the conv (PERF.md); max-autotune lets it pick
-             its Triton conv template, with the epilogue fused, where that beats cuDNN.
-             Without CUDA graphs because fastconv runs without them (PERF.md: graph both sides or
-             neither), and because a graphed callable copies every new (rotated) input into its
+             lets Inductor fold the BatchNorm into the conv (benchmarks/FLOORS.md); max-autotune
+             lets it pick its Triton conv template, with the epilogue fused, where that beats
+             cuDNN. Without CUDA graphs because fastconv runs without them (benchmarks/FLOORS.md:
+             graph both sides or neither), and because a graphed callable copies every new (rotated) input into its
              static buffer, an extra read and write of x per call that no user of a real model
              pays. Target >= 1.0x.
              max-autotune compiles and times many conv configs per shape (up to about a minute
@@ -55,8 +55,8 @@ Cases (record `kind`; the issue's targets):
              (model below). Target: fused about half of eager. One record per shape, at every
              shape even under --quick (it costs no timing). Its `ms` and `baseline_ms` are
              modelled, not measured: each side's activation bytes over this run's measured copy
-             bandwidth (PERF.md's 4.3 TB/s when no ceiling was measured), so `speedup` is
-             eager bytes / fused bytes: 1.75 by the model below, where "about half" is about 2.
+             bandwidth (benchmarks/FLOORS.md's 4.3 TB/s when no ceiling was measured), so
+             `speedup` is eager bytes / fused bytes: 1.75 by the model below, where "about half" is about 2.
              backend "fused (counted)", baseline "eager (counted)".
 
 The byte-count model (units of A = the output activation, N * C_out * Ho * Wo * itemsize; c is
@@ -653,7 +653,7 @@ def _run_bytes(case, ctx):
         extra["error"] = short_error(exc)
 
     gbps = ctx.ceilings.get("copy_gbps")
-    source = "measured copy bandwidth" if gbps else "PERF.md's H200 copy bandwidth"
+    source = "measured copy bandwidth" if gbps else "benchmarks/FLOORS.md's H200 copy bandwidth"
     gbps = gbps or H200_REFERENCE["copy_gbps"]
     return [make_record(
         ctx.env, suite=SUITE, case=s.name, dtype=case.dtype, layout=case.layout, mode=case.mode,

@@ -2,7 +2,7 @@
 eager conv -> BatchNorm2d(eval) -> ReLU6 sequence.
 
 Shapes: MobileNetV2's ten distinct depthwise layers, EfficientNet-style 5x5 and ConvNeXt-style
-7x7 layers, all at batch 128 with padding k//2 (PERF.md, "MobileNetV2 layer shapes").
+7x7 layers, all at batch 128 with padding k//2 (benchmarks/FLOORS.md, "Layer shapes").
 
 Cases (the issue's performance targets):
   fwd   fp16 channels_last, no epilogue: vs "pytorch" (F.conv2d on the same tensors, with
@@ -62,8 +62,8 @@ class Shape:
         return f"{self.n}x{self.c}x{self.h}x{self.h} k{self.k} s{self.stride}"
 
 
-# (C, H, k, stride) at 224x224: PERF.md's list for MobileNetV2, EfficientNet-B0's 5x5 layers,
-# ConvNeXt-T's 7x7 stages.
+# (C, H, k, stride) at 224x224: benchmarks/FLOORS.md's list for MobileNetV2, EfficientNet-B0's
+# 5x5 layers, ConvNeXt-T's 7x7 stages.
 MOBILENETV2 = [(32, 112, 3, 1), (96, 112, 3, 2), (144, 56, 3, 1), (144, 56, 3, 2), (192, 28, 3, 1),
                (192, 28, 3, 2), (384, 14, 3, 1), (576, 14, 3, 1), (576, 14, 3, 2), (960, 7, 3, 1)]
 EFFICIENTNET = [(240, 28, 5, 1), (672, 14, 5, 2)]

@@ -1,8 +1,9 @@
 """pointwise suite: fastconv.pointwise_conv2d (a 1x1 conv as one GEMM, prologue and epilogue
 fused) against cuDNN's eager sequences, cuBLAS and torch.compile.
 
-Shapes (batch 128, fp16, channels_last): MobileNetV2's 19 pointwise layers (PERF.md), the
-stride-1 1x1 convs of ResNet50, and DenseNet121's bottleneck 1x1 convs.
+Shapes (batch 128, fp16, channels_last): MobileNetV2's 19 pointwise layers
+(benchmarks/FLOORS.md), the stride-1 1x1 convs of ResNet50, and DenseNet121's bottleneck 1x1
+convs.
 
 Cases (the issue's performance targets; record `kind`):
   epilogue  y = relu6(conv1x1(x) * scale + shift), a folded BatchNorm, forward:
