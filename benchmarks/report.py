@@ -35,9 +35,10 @@ def case_rows(records, suite):
     """Header and rows for one suite: one row per (case, backend), baselines as columns."""
     recs = [r for r in records if r["suite"] == suite]
     if suite == "ceilings":
-        header = ["ceiling", "dtype", "ms", "GB/s", "TFLOP/s", "% of PERF.md ref"]
+        # FLOORS.md's figures are the H200's; elsewhere (a CPU run) the column shows "-".
+        header = ["ceiling", "dtype", "ms", "GB/s", "TFLOP/s", "% of FLOORS.md H200"]
         return header, [[r["case"], r["dtype"], _fmt(r["ms"]), _fmt(r["gbps"], ".0f"),
-                         _fmt(r["tflops"], ".1f"), _fmt(r.get("pct_of_reference"), ".0f")]
+                         _fmt(r["tflops"], ".1f"), _fmt(r.get("pct_of_reference"), ".3g")]
                         for r in recs]
     baselines = _baselines(recs)
     groups = defaultdict(dict)
@@ -189,7 +190,9 @@ def plot_speedups(records, path):
         ax.set_title(f"{suite} vs {baseline} - {where}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Written whole, then renamed: a run killed mid-write keeps the previous plot.
+    fig.savefig(path + ".tmp", dpi=110, format="png")
+    os.replace(path + ".tmp", path)
     plt.close(fig)
     return path
 

@@ -3,7 +3,11 @@
 Runs the ceilings first (they are the floor denominators), then each suite's
 cases under a progress bar; writes JSON records, summary.md and speedup.png to
 --out (default benchmarks/results/<gpu-slug>/), prints the per-case tables and
-ends with the geomean summary.
+ends with the geomean summary. The records are rewritten after every case, and
+summary.md and the plot after every suite, so a run cut short (a timeout's
+SIGINT or SIGTERM) keeps what it measured. With --merge and --single-file, the
+records already in --out/records.json stay, each replaced by a new record of the
+same key: several runs (gpu_check.sh's steps) add up to one summary.
 
 Exit status: 0 when every case ran and every fastconv result matched the
 reference; 1 when a case raised, a backend failed or a result mismatched (a
@@ -11,12 +15,13 @@ failing torch.compile baseline is recorded, not counted); 2 for bad arguments.
 """
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
 
 from . import environment, report
-from .records import write_json
+from .records import KEY_FIELDS, read_json, write_json
 from .suites import Context, load_all
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
@@ -61,6 +66,9 @@ def parse_args(argv, suite_names):
                    help="write all records to one records.json instead of <suite>.json")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new case after S seconds; outputs are still written")
+    p.add_argument("--merge", action="store_true",
+                   help="with --single-file: keep the records already in OUT/records.json "
+                        "(a new record replaces the old one of the same key)")
     p.add_argument("--list", action="store_true", help="list suites and exit")
     args = p.parse_args(argv)
     args.dtype, args.backend = _split(args.dtype), _split(args.backend)
@@ -72,7 +80,33 @@ def parse_args(argv, suite_names):
     bad = sorted(set(args.suites) - set(suite_names))
     if bad:
         p.error(f"unknown suite(s) {bad}; known: {suite_names}")
+    if args.merge and not args.single_file:
+        p.error("--merge: expected --single-file too (it merges into OUT/records.json), got "
+                "--merge alone")
     return args
+
+
+def default_out(gpu):
+    """benchmarks/results/<gpu-slug>/ in a repository checkout; ./benchmark-results/<gpu-slug>/
+    for an installed package (python -m fastconv.benchmarks.run), not inside site-packages."""
+    if os.path.exists(os.path.join(environment.REPO_ROOT, "setup.py")):
+        return os.path.join(environment.REPO_ROOT, "benchmarks", "results", environment.slug(gpu))
+    return os.path.join(os.getcwd(), "benchmark-results", environment.slug(gpu))
+
+
+class _Stopped(BaseException):  # not Exception: suites catch those per case and go on
+    pass
+
+
+def _stop_on_sigterm():
+    """timeout(1) sends SIGTERM; turn it into an exception so the outputs are still written.
+    Returns the handler to restore, or None where none was set."""
+    def handler(signum, frame):
+        raise _Stopped(f"signal {signum}")
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a test runner's thread)
+        return None
 
 
 def main(argv=None) -> int:
@@ -96,8 +130,10 @@ def main(argv=None) -> int:
     if not ctx.compile:
         ctx.notes.append("torch.compile baseline not run"
                          + (" (CPU default; pass --compile)" if device == "cpu" else ""))
-    out = args.out or os.path.join(environment.REPO_ROOT, "benchmarks", "results",
-                                   environment.slug(env["gpu"]))
+    out = args.out or default_out(env["gpu"])
+    previous = []
+    if args.merge and os.path.exists(os.path.join(out, "records.json")):
+        previous = read_json(os.path.join(out, "records.json"))
     if device == "cpu":
         print(f"*** {report.CPU_BANNER} ***", flush=True)
     print(f"device: {env['gpu']} | torch {env['torch']} | triton {env['triton']} | "
@@ -109,33 +145,45 @@ def main(argv=None) -> int:
     start = time.monotonic()
     bar = _progress(len(work))
     seen_errors = set()
-    for suite, case in work:
-        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            skipped += 1
+    old_handler = _stop_on_sigterm()
+    try:
+        for i, (suite, case) in enumerate(work):
+            if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+                skipped += 1
+                bar.update(1)
+                continue
+            bar.set_description(f"{suite.name} {suite.describe(case)}")
+            try:
+                records += suite.run_case(case, ctx)
+            except Exception as exc:
+                failures += 1
+                msg = f"{suite.name} {suite.describe(case)}: {type(exc).__name__}: {exc}"
+                ctx.notes.append(msg.splitlines()[0][:400])
+                key = (suite.name, type(exc).__name__, str(exc)[:200])
+                if key not in seen_errors:  # one traceback per distinct error, not per case
+                    seen_errors.add(key)
+                    bar.write(f"FAILED {msg}\n{traceback.format_exc()}")
+            finally:
+                _free(device)
+            # Records so far, after every case: a run killed by its caller's timeout (a long
+            # max-autotune compile past --time-budget) still leaves what it measured.
+            _write_records(_merged(previous, records), out, args.single_file, names)
             bar.update(1)
-            continue
-        bar.set_description(f"{suite.name} {suite.describe(case)}")
-        try:
-            records += suite.run_case(case, ctx)
-        except Exception as exc:
-            failures += 1
-            msg = f"{suite.name} {suite.describe(case)}: {type(exc).__name__}: {exc}"
-            ctx.notes.append(msg.splitlines()[0][:400])
-            key = (suite.name, type(exc).__name__, str(exc)[:200])
-            if key not in seen_errors:  # one traceback per distinct error, not per case
-                seen_errors.add(key)
-                bar.write(f"FAILED {msg}\n{traceback.format_exc()}")
-        finally:
-            _free(device)
-        # Records so far, after every case: a run killed by its caller's timeout (a long
-        # max-autotune compile past --time-budget) still leaves what it measured.
-        _write_records(records, out, args.single_file, names)
-        bar.update(1)
+            if i + 1 == len(work) or work[i + 1][0] is not suite:
+                # The suite's last case: its summary and plot now, not only at the very end.
+                _write(_merged(previous, records), ctx, out, args.single_file, names, quiet=True)
+    except (KeyboardInterrupt, _Stopped) as exc:
+        failures += 1
+        ctx.notes.append(f"interrupted ({type(exc).__name__} {exc}) after "
+                         f"{time.monotonic() - start:.0f} s: the later cases did not run")
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     bar.close()
     if skipped:
         ctx.notes.append(f"time budget of {args.time_budget:.0f} s reached: {skipped} case(s) not run")
 
-    _write(records, ctx, out, args.single_file, names)
+    _write(_merged(previous, records), ctx, out, args.single_file, names)
     for suite in dict.fromkeys(r["suite"] for r in records):
         print(f"\n== {suite} ==\n" + report.text_table(*report.case_rows(records, suite)))
     for note in ctx.notes:
@@ -154,6 +202,18 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def _key(record):
+    return tuple(record.get(k) for k in KEY_FIELDS)
+
+
+def _merged(previous, records):
+    """The earlier runs' records, less those this run measured again, then this run's."""
+    if not previous:
+        return records
+    fresh = {_key(r) for r in records}
+    return [r for r in previous if _key(r) not in fresh] + records
+
+
 def _write_records(records, out, single_file, names):
     os.makedirs(out, exist_ok=True)
     if single_file:
@@ -165,13 +225,17 @@ def _write_records(records, out, single_file, names):
                 write_json(recs, os.path.join(out, f"{name}.json"))
 
 
-def _write(records, ctx, out, single_file, names):
+def _write(records, ctx, out, single_file, names, quiet=False):
     _write_records(records, out, single_file, names)
-    with open(os.path.join(out, "summary.md"), "w") as f:
+    summary = os.path.join(out, "summary.md")
+    # Written whole, then renamed, as the records are: a kill mid-write keeps the last one.
+    with open(summary + ".tmp", "w") as f:
         f.write(report.summary_markdown(records, ctx.env, ctx.notes))
+    os.replace(summary + ".tmp", summary)
     png = report.plot_speedups(records, os.path.join(out, "speedup.png"))
-    print(f"wrote {out}: {'records.json' if single_file else '<suite>.json'}, summary.md"
-          + (", speedup.png" if png else " (no plot: matplotlib missing or nothing to plot)"))
+    if not quiet:
+        print(f"wrote {out}: {'records.json' if single_file else '<suite>.json'}, summary.md"
+              + (", speedup.png" if png else " (no plot: matplotlib missing or nothing to plot)"))
 
 
 if __name__ == "__main__":
