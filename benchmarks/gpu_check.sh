@@ -1,66 +1,148 @@
 #!/usr/bin/env bash
-# One GPU check on a fresh machine: environment, build, GPU tests, compute-sanitizer,
-# benchmarks, then the summary table last.
+# One GPU check on a fresh machine, in order of value, each step's result kept as it ends:
 #
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash benchmarks/gpu_check.sh OUTDIR     run it
+#   bash benchmarks/gpu_check.sh --plan     print the steps and their caps (no GPU needed)
 #
-# Written for a fresh H200 with torch/Triton preinstalled, 16 cores and no network. Every
-# step runs under `timeout` and the script goes on past failures, so one broken step
-# still leaves the later ones' results. The whole run fits in GPU_CHECK_BUDGET_S (default
-# 460 s, under the 8 minutes a check may take): a step gets at most its own cap, and never
-# the time the steps after it need as a minimum.
+# Written for a fresh H200 with torch/Triton preinstalled (Python 3.12, torch 2.11, Triton
+# 3.6), 16 cores and no network, where GPU time is about 15 minutes a session, start-up
+# included. Every step runs under `timeout` and the script goes on past failures, so a run cut
+# short still leaves the most valuable evidence. Steps, most valuable first:
 #
-# Only a few files come back from OUTDIR (8 at most, 2 folders deep), so it stays flat:
+#   env             GPU, clocks, versions
+#   build           install fastconv offline (editable), build the CUDA extension for sm_90
+#   backends        which backends load: a build that "passed" but does not load shows here
+#   smoke           correctness: the small `sanitizer`-named tests, both GPU backends
+#   memcheck        compute-sanitizer memcheck on the CUDA share of that subset
+#   bench-headline  the headline suites (every suite but bn_act), no torch.compile baselines
+#   bench-compile   the same suites with their torch.compile baselines
+#   gpu-tests       the rest of the GPU tests (gets the time the earlier steps left over)
+#   racecheck       compute-sanitizer racecheck on the CUDA subset
+#   bench-bn_act    the bn_act suite, with its 18 torch.compile baselines
+#
+# The whole run fits in GPU_CHECK_BUDGET_S (default 540 s; the caps below sum to it), which
+# leaves a rerun on the warm machine within its 15 minutes: ninja then skips the rebuild.
+#
+# Only 8 files, 2 folders deep, come back from OUTDIR, so it holds 5, each rewritten whole
+# (then renamed) when a step ends:
 #   gpu_check.log  everything printed, all steps
-#   records.json   benchmark records of every suite
-#   summary.md     geomean table, notes, per-case tables
-#   speedup.png    speedup plot
+#   junit.xml      one <testsuite> per pytest step (smoke, memcheck, gpu-tests, racecheck)
+#   records.json   benchmark records of every suite, merged over the bench steps
+#   summary.md     geomean table, notes, per-case tables: rewritten after each suite
+#   speedup.png    speedup plot: rewritten after each suite
 #
-# Exit status: 0 when every step passed, else 1. Environment knobs:
+# Exit status: 0 when every step passed, else 1; 2 for bad arguments. Environment knobs:
 #   PYTHON (default python, else python3), GPU_CHECK_BUDGET_S, BENCH_ARGS (default --quick),
 #   BENCH_COMMIT (the commit to record when the tree has no .git).
 
 set -u
 
+# name cap_seconds, in the order they run. Caps from the stack measured without a GPU:
+# env + build about 170 s on 16 cores (twelve CUDA files for sm_90 only); the smoke and
+# sanitizer subsets are a few dozen small tests each, plus one Triton compile (a few seconds)
+# per smoke geometry; the quick benchmark suites run in tens of seconds without compiles.
+PLAN=(
+    "env 15"
+    "build 170"
+    "backends 15"
+    "smoke 45"
+    "memcheck 45"
+    "bench-headline 90"
+    "bench-compile 45"
+    "gpu-tests 60"
+    "racecheck 30"
+    "bench-bn_act 25"
+)
+# The step that also gets the seconds the earlier ones left unused (a warm rebuild takes
+# about 10 s of build's 170): the GPU tests, about 400 of them, are the ones a cap cuts short.
+ELASTIC=gpu-tests
+OUTPUTS=(gpu_check.log junit.xml records.json summary.md speedup.png)
+DEFAULT_BUDGET=540
+BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET}
+
 if [[ $# -ne 1 ]]; then
-    echo "usage: $0 OUTDIR" >&2
+    echo "usage: $0 OUTDIR | --plan" >&2
     exit 2
 fi
+
+if [[ $1 == --plan ]]; then
+    total=0
+    echo "budget ${BUDGET}s"
+    for entry in "${PLAN[@]}"; do
+        read -r name cap <<< "$entry"
+        total=$(( total + cap ))
+        note=""
+        [[ $name == "$ELASTIC" ]] && note=" (plus the seconds earlier steps leave unused)"
+        echo "step $name ${cap}s$note"
+    done
+    echo "total ${total}s"
+    echo "outputs ${OUTPUTS[*]}"
+    exit 0
+fi
+
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2    # the repository root
 REPO=$PWD
+for f in "${OUTPUTS[@]}"; do
+    rm -f "$OUT/$f"    # a rerun into the same OUTDIR starts from nothing, not the last run's
+done
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 exec > >(tee -a "$LOG") 2>&1
 TEE_PID=$!
 
+WORK=$(mktemp -d)    # per-step junit XML before it is merged; never sent back
+trap 'rm -rf "$WORK"' EXIT
+
 PY=${PYTHON:-python}
 command -v "$PY" > /dev/null || PY=python3
-# fastconv/triton_kernels is a symlink into the tree, so the repository root on the path
-# is enough: no pip install (and no network) needed.
+# The repository root first: `import fastconv` is this tree, not any other copy installed.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [[ -z "${BENCH_COMMIT:-}" ]] && ! git -C "$REPO" rev-parse HEAD > /dev/null 2>&1; then
     export BENCH_COMMIT=unknown-no-git
 fi
 
-BUDGET=${GPU_CHECK_BUDGET_S:-460}
 START=$SECONDS
 RESULTS=()
 FAILED=0
 
-# limit CAP RESERVE: seconds a step may take, given what the later steps need at least.
-limit() {
-    local left=$(( BUDGET - (SECONDS - START) - $2 ))
-    echo $(( $1 < left ? $1 : left ))
+# cap NAME: the step's cap from PLAN. later NAME: the sum of the caps of the steps after it.
+cap() {
+    local entry name c
+    for entry in "${PLAN[@]}"; do
+        read -r name c <<< "$entry"
+        [[ $name == "$1" ]] && { echo "$c"; return; }
+    done
+    echo 0
+}
+later() {
+    local entry name c sum=0 seen=0
+    for entry in "${PLAN[@]}"; do
+        read -r name c <<< "$entry"
+        (( seen )) && sum=$(( sum + c ))
+        [[ $name == "$1" ]] && seen=1
+    done
+    echo "$sum"
 }
 
-# step NAME LIMIT OK_CODES CMD...: run CMD under timeout, log and record its verdict.
-# OK_CODES is a space-separated list of exit codes that count as a pass.
+# limit NAME: seconds the step may take: its cap (the elastic step: all that is left), never
+# more than the budget left after the caps of the steps after it.
+limit() {
+    local left=$(( BUDGET - (SECONDS - START) - $(later "$1") )) c
+    c=$(cap "$1")
+    [[ $1 == "$ELASTIC" ]] && c=$left
+    echo $(( c < left ? c : left ))
+}
+
+# step NAME OK_CODES CMD...: run CMD under timeout, log and record its verdict. OK_CODES is a
+# space-separated list of exit codes that count as a pass. SIGINT first: pytest then still
+# writes its junit XML and summary, and the benchmarks their records; SIGKILL 15 s later.
 step() {
-    local name=$1 lim=$2 ok_codes=$3
-    shift 3
+    local name=$1 ok_codes=$2 lim
+    shift 2
+    lim=$(limit "$name")
     echo
     echo "===== [$name] $(date -u +%H:%M:%S) limit ${lim}s: $*"
     if (( lim < 10 )); then
@@ -69,7 +151,7 @@ step() {
         return
     fi
     local t0=$SECONDS rc
-    timeout --kill-after=10 "$lim" "$@"
+    timeout --signal=INT --kill-after=15 "$lim" "$@"
     rc=$?
     local took=$(( SECONDS - t0 ))
     if [[ " $ok_codes " == *" $rc "* ]]; then
@@ -86,74 +168,150 @@ step() {
     echo "===== [$name] finished: ${RESULTS[-1]}"
 }
 
-# Minimum seconds each later step needs; a step's reserve is the sum of those after it.
-MIN_BACKENDS=15 MIN_TESTS=60 MIN_MEMCHECK=30 MIN_RACECHECK=30 MIN_BENCH=100
-R_BENCH=5
-R_RACECHECK=$(( R_BENCH + MIN_BENCH ))
-R_MEMCHECK=$(( R_RACECHECK + MIN_RACECHECK ))
-R_TESTS=$(( R_MEMCHECK + MIN_MEMCHECK ))
-R_BACKENDS=$(( R_TESTS + MIN_TESTS ))
-R_BUILD=$(( R_BACKENDS + MIN_BACKENDS ))
-R_ENV=$(( R_BUILD + 90 ))
+# merge_junit NAME: add the step's junit XML to OUTDIR/junit.xml as <testsuite name=NAME>
+# (a step killed before pytest wrote any gets a testsuite with one error saying so).
+merge_junit() {
+    "$PY" - "$OUT/junit.xml" "$1" "$WORK/$1.xml" <<'EOF' || echo "merge_junit $1: failed (above)"
+import os, sys, xml.etree.ElementTree as ET
+out, name, part = sys.argv[1:]
+root = ET.parse(out).getroot() if os.path.exists(out) else ET.Element("testsuites")
+suites = []
+if os.path.exists(part):
+    try:
+        tree = ET.parse(part).getroot()
+        suites = [tree] if tree.tag == "testsuite" else list(tree)
+    except ET.ParseError as exc:
+        reason = f"{part}: unreadable junit XML ({exc})"
+else:
+    reason = f"{name} wrote no junit XML (killed, or never started)"
+if not suites:
+    suite = ET.Element("testsuite", name=name, tests="1", errors="1", failures="0", skipped="0")
+    case = ET.SubElement(suite, "testcase", classname="gpu_check", name=name)
+    ET.SubElement(case, "error", message=reason)
+    suites = [suite]
+for suite in suites:
+    suite.set("name", name)
+    root.append(suite)
+ET.ElementTree(root).write(out + ".tmp", encoding="utf-8", xml_declaration=True)
+os.replace(out + ".tmp", out)
+EOF
+}
+
+# pytest_step NAME OK_CODES [PREFIX...] -- PYTEST_ARGS...: a pytest step whose junit XML is
+# merged into OUTDIR/junit.xml as soon as it ends. PREFIX wraps the interpreter
+# (compute-sanitizer).
+pytest_step() {
+    local name=$1 ok_codes=$2 prefix=()
+    shift 2
+    while [[ $# -gt 0 && $1 != -- ]]; do prefix+=("$1"); shift; done
+    shift
+    step "$name" "$ok_codes" "${prefix[@]}" "$PY" -m pytest tests -q -p no:cacheprovider \
+        --junitxml="$WORK/$name.xml" -o junit_suite_name="$name" "$@"
+    merge_junit "$name"
+}
+
+# bench_step NAME ARGS...: one benchmark run merged into OUTDIR/records.json; summary.md and
+# the plot are rewritten after each of its suites. --time-budget stops it starting cases 30 s
+# before its limit, so a case in flight can finish and the outputs be written.
+bench_step() {
+    local name=$1 lim
+    shift
+    lim=$(limit "$name")
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+    step "$name" "0" "$PY" -m benchmarks.run "$@" --out "$OUT" --single-file --merge \
+        --time-budget $(( lim > 60 ? lim - 30 : lim / 2 )) ${BENCH_ARGS:---quick}
+}
 
 # 1. Environment.
-step env "$(limit 30 $R_ENV)" "0" bash -c '
+step env "0" bash -c '
     nvidia-smi
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version --format=csv
     echo "cores: $(nproc)"; free -g | head -2; df -h . | tail -1
     command -v nvcc > /dev/null && nvcc --version | tail -2
     echo "compute-sanitizer: $(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -1)"
-    "$0" -c "import sys, torch, triton
+    "$0" -c "import sys, numpy, torch, triton
 print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \"| cuda\", torch.version.cuda,
-      \"| cudnn\", torch.backends.cudnn.version(), \"| triton\", triton.__version__)
+      \"| cudnn\", torch.backends.cudnn.version(), \"| triton\", triton.__version__, \"| numpy\", numpy.__version__)
 print(\"device:\", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+    "$0" -m pytest --version 2>&1 | head -1
 ' "$PY"
 
-# 2. Build the CUDA extension for sm_90 with every core. FASTCONV_BUILD_CUDA=1 asks
-#    setup.py for the CUDA build explicitly (it gates on CUDA_HOME, not on a visible GPU).
-step build "$(limit 240 $R_BUILD)" "0" \
-    env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTCONV_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
+# 2. Install and build. fastconv.triton_kernels and fastconv.benchmarks are the top-level
+#    folders mapped into the package by setup.py's package_dir, so the package must be
+#    installed: editable, offline, without the CUDA build (that is done in place next, so a
+#    rerun's ninja skips what is built). Where pip cannot (no pip, an externally managed
+#    Python, an old setuptools), links in this throwaway copy of the tree stand in for the
+#    mapping: the layout the package had before package_dir. Then the CUDA extension for
+#    sm_90 with every core; FASTCONV_BUILD_CUDA=1 makes a failed build an error.
+install_and_build() {
+    local check='import fastconv.triton_kernels, fastconv.benchmarks.run'
+    if FASTCONV_BUILD_CUDA=0 "$PY" -m pip install -qq --no-index --no-build-isolation --no-deps -e "$REPO" \
+        && (cd / && PYTHONPATH= "$PY" -c "$check"); then
+        echo "build: fastconv installed (editable)"
+    else
+        echo "build: pip install -e failed (above); linking fastconv/triton_kernels and fastconv/benchmarks instead"
+        ln -sfn ../triton_kernels "$REPO/fastconv/triton_kernels"
+        ln -sfn ../benchmarks "$REPO/fastconv/benchmarks"
+    fi
+    "$PY" -c "$check" || return 1
+    env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTCONV_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace
+}
+export REPO PY
+# timeout(1) runs programs, not shell functions: the function travels as bash -c's script.
+step build "0" bash -c "$(declare -f install_and_build); install_and_build"
 
-# 2b. Which backends can run now: a build that "passed" but does not load shows up here.
-step backends "$(limit 30 $R_BACKENDS)" "0" "$PY" -c '
+# 3. Which backends can run now.
+step backends "0" "$PY" -c '
 import sys, fastconv
 status = fastconv.backends.available()
 for name, s in status.items():
     print(name.ljust(8), "available" if s.available else "UNAVAILABLE: " + s.reason)
 sys.exit(0 if all(s.available for s in status.values()) else 1)'
 
-# 3. The GPU tests: the cuda backend's share of every test grid, and tests/test_gpu.py (both
-#    GPU backends on small cases, determinism, graphs, 64-bit sizes). Not the Triton backend's
-#    share of the big grids: each of its geometries is a Triton compile of a few seconds, about
-#    180 of them, which would not fit; the CPU run covers those kernels in the interpreter.
-#    The slow every-config test runs by hand: pytest tests/test_gpu.py -m slow.
-step gpu-tests "$(limit 200 $R_TESTS)" "0" \
-    "$PY" -m pytest tests -q -m "gpu and not slow" -p no:cacheprovider -rfEs --tb=short
+# 4. Correctness first: the small sanitizer-named tests on both GPU backends (cuda, triton).
+pytest_step smoke "0" -- -m gpu -k sanitizer -rfEs --tb=short
 
-# 4. compute-sanitizer on the small CUDA subset (tests named "sanitizer"). Exit 5 means
-#    none is selected yet: fine. PyTorch's caching allocator would hide out-of-bounds
-#    accesses inside its pooled blocks, so memcheck runs with caching off.
+# 5. compute-sanitizer memcheck on the CUDA share of that subset. Exit 5 means none is
+#    selected: fine. PyTorch's caching allocator would hide out-of-bounds accesses inside its
+#    pooled blocks, so memcheck runs with caching off.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -1)
-SAN_TESTS=("$PY" -m pytest tests -q -m gpu -k "cuda and sanitizer" -p no:cacheprovider -rfE --tb=short)
+SAN_ARGS=(-m gpu -k "cuda and sanitizer" -rfE --tb=short)
 if [[ -n "$SAN" ]]; then
-    step memcheck "$(limit 60 $R_MEMCHECK)" "0 5" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        "$SAN" --tool memcheck --error-exitcode 99 "${SAN_TESTS[@]}"
-    step racecheck "$(limit 60 $R_RACECHECK)" "0 5" \
-        "$SAN" --tool racecheck --error-exitcode 99 "${SAN_TESTS[@]}"
+    pytest_step memcheck "0 5" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        "$SAN" --tool memcheck --error-exitcode 99 -- "${SAN_ARGS[@]}"
 else
-    RESULTS+=("memcheck: SKIPPED (compute-sanitizer not found)" "racecheck: SKIPPED (compute-sanitizer not found)")
+    RESULTS+=("memcheck: SKIPPED (compute-sanitizer not found)")
 fi
 
-# 5. Benchmarks, every registered suite. --time-budget makes the run stop starting cases
-#    before its timeout, so the records, summary and plot are always written.
-BENCH_LIMIT=$(limit 240 $R_BENCH)
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-step bench "$BENCH_LIMIT" "0" "$PY" -m benchmarks.run --out "$OUT" --single-file \
-    --time-budget $(( BENCH_LIMIT > 60 ? BENCH_LIMIT - 45 : BENCH_LIMIT / 2 )) ${BENCH_ARGS:---quick}
+# 6. The headline benchmarks: every suite but bn_act (the ceilings run first in each run),
+#    without the torch.compile baselines, whose max-autotune compiles take up to a minute each.
+SUITES=$("$PY" -m benchmarks.run --list 2> /dev/null | grep -v -x -e ceilings -e bn_act | tr '\n' ' ')
+[[ -n $SUITES ]] || SUITES="conv_bn_act depthwise pointwise"
+# shellcheck disable=SC2086  # SUITES is a list of names
+bench_step bench-headline $SUITES --no-compile
 
-# 6. Step verdicts, then the summary table last (it is what the end of a log shows).
+# 7. The same suites with their compile baselines; each record replaces its headline twin.
+# shellcheck disable=SC2086
+bench_step bench-compile $SUITES --compile
+
+# 8. The rest of the GPU tests. Not the Triton backend's share of the big CPU grids (those are
+#    not gpu-marked): each geometry is a Triton compile of a few seconds. The slow
+#    every-config test runs by hand: pytest tests -m "gpu and slow".
+pytest_step gpu-tests "0" -- -m "gpu and not slow" -k "not sanitizer" -rfEs --tb=short
+
+# 9. racecheck on the CUDA subset.
+if [[ -n "$SAN" ]]; then
+    pytest_step racecheck "0 5" "$SAN" --tool racecheck --error-exitcode 99 -- "${SAN_ARGS[@]}"
+else
+    RESULTS+=("racecheck: SKIPPED (compute-sanitizer not found)")
+fi
+
+# 10. bn_act last: its quick run compiles 18 torch.compile baselines.
+bench_step bench-bn_act bn_act
+
+# Step verdicts, then the summary table last (it is what the end of a log shows).
 echo
-echo "===== gpu_check: $(( SECONDS - START ))s in all; outputs in $OUT"
+echo "===== gpu_check: $(( SECONDS - START ))s of ${BUDGET}s; outputs in $OUT"
 for r in "${RESULTS[@]}"; do
     echo "  $r"
 done
