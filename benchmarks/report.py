@@ -109,6 +109,27 @@ def problems(records):
     return list(dict.fromkeys(out))
 
 
+NOTES_HEADING = "## Notes, skips and failures"
+
+
+def notes_in_summary(path):
+    """The notes a summary.md written by summary_markdown lists, in order; [] without one."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    if NOTES_HEADING not in lines:
+        return []
+    notes = []
+    for line in lines[lines.index(NOTES_HEADING) + 1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("- "):
+            notes.append(line[2:])
+    return notes
+
+
 def summary_markdown(records, env, notes=()):
     lines = ["# fastconv benchmark summary", ""]
     if env.get("device") == "cpu":
@@ -124,9 +145,9 @@ def summary_markdown(records, env, notes=()):
     if ceil:
         lines += ["Ceilings measured in this run: " + "; ".join(ceil) + ".", ""]
     lines += [md_table(*geomean_rows(records)), ""]
-    trouble = list(notes) + problems(records)
+    trouble = list(dict.fromkeys(list(notes) + problems(records)))
     if trouble:
-        lines += ["## Notes, skips and failures", ""] + [f"- {t}" for t in trouble] + [""]
+        lines += [NOTES_HEADING, ""] + [f"- {t}" for t in trouble] + [""]
     lines += ["## Per case", ""]
     for suite in _suites(records):
         lines += [f"### {suite}", "", md_table(*case_rows(records, suite)), ""]

@@ -134,6 +134,9 @@ def main(argv=None) -> int:
     previous = []
     if args.merge and os.path.exists(os.path.join(out, "records.json")):
         previous = read_json(os.path.join(out, "records.json"))
+        # The earlier runs' notes (skips, budgets) live only in their summary.md.
+        ctx.notes += [n for n in report.notes_in_summary(os.path.join(out, "summary.md"))
+                      if n not in report.problems(previous)]
     if device == "cpu":
         print(f"*** {report.CPU_BANNER} ***", flush=True)
     print(f"device: {env['gpu']} | torch {env['torch']} | triton {env['triton']} | "
