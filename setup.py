@@ -292,25 +292,30 @@ def _packages():
     return packages
 
 
-ext_modules, cmdclass = _cuda_extension()
+def main():
+    ext_modules, cmdclass = _cuda_extension()
+    setup(
+        name="fastconv",
+        version="0.1.0",
+        description="Fused Triton and CUDA C++ kernels for CNN convolution blocks in PyTorch",
+        python_requires=">=3.10",
+        packages=_packages(),
+        package_dir=PACKAGE_DIR,
+        package_data={"fastconv.benchmarks": ["*.md", "*.sh"]},
+        install_requires=[
+            "torch>=2.6",
+            "triton>=3.2; sys_platform == 'linux'",
+            "numpy",
+            "tqdm",
+            "matplotlib",
+        ],
+        extras_require={"test": ["pytest", "pytest-xdist", "hypothesis"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        zip_safe=False,
+    )
 
-setup(
-    name="fastconv",
-    version="0.1.0",
-    description="Fused Triton and CUDA C++ kernels for CNN convolution blocks in PyTorch",
-    python_requires=">=3.10",
-    packages=_packages(),
-    package_dir=PACKAGE_DIR,
-    package_data={"fastconv.benchmarks": ["*.md", "*.sh"]},
-    install_requires=[
-        "torch>=2.6",
-        "triton>=3.2; sys_platform == 'linux'",
-        "numpy",
-        "tqdm",
-        "matplotlib",
-    ],
-    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+
+# pip and `python setup.py` run this file as __main__; tests/test_setup.py imports it.
+if __name__ == "__main__":
+    main()
