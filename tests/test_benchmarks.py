@@ -34,3 +34,32 @@ def test_quick_cpu_run_writes_records_summary_and_plot(tmp_path, suite):
 
 def test_unknown_suite_is_refused():
     assert main(["no_such_suite"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run in gpu_check.sh's own step")
+def test_merged_runs_add_up_to_one_summary(tmp_path):
+    args = ["ceilings", "--quick", "--single-file", "--out", str(tmp_path)]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "records.json").read_text())
+    # A second run that measures nothing (a spent budget) keeps the first run's records.
+    assert main(args + ["--merge", "--time-budget", "0"]) == 0
+    kept = json.loads((tmp_path / "records.json").read_text())
+    assert [r["case"] for r in kept] == [r["case"] for r in first], f"expected the first run's records, got {kept}"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "time budget of 0 s reached" in summary and "torch.compile baseline not run" in summary, summary
+    # A run that measures again replaces each record of the same key.
+    assert main(args + ["--merge"]) == 0
+    again = json.loads((tmp_path / "records.json").read_text())
+    assert len(again) == len(first), f"expected {len(first)} records after a re-run, got {len(again)}"
+
+
+def test_merge_needs_single_file():
+    assert main(["ceilings", "--merge"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the reference is shown")
+def test_cpu_ceilings_are_not_compared_with_the_h200(tmp_path):
+    assert main(["ceilings", "--quick", "--single-file", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "records.json").read_text())
+    assert all(r["pct_of_reference"] is None for r in records), records
+    assert "% of FLOORS.md H200" in (tmp_path / "summary.md").read_text()
