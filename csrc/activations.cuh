@@ -9,17 +9,9 @@
 
 #include <cuda_runtime.h>
 
-namespace fastconv {
+#include "activation_codes.h"
 
-// Codes shared with the Python side (the `activation` int argument of the ops).
-enum ActivationCode : int {
-  kActNone = 0,
-  kActReLU = 1,
-  kActReLU6 = 2,
-  kActSiLU = 3,
-  kActHardSwish = 4,
-  kActCount = 5,
-};
+namespace fastconv {
 
 struct ActNone {
   static __device__ __forceinline__ float forward(float z) { return z; }

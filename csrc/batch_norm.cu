@@ -149,9 +149,7 @@ __global__ void __launch_bounds__(kWarpSize * kReduceLanes) finish_grad_sums_ker
 // Host side.
 
 uint64_t key_of(int op, const Layout& L, const at::Tensor& c) {
-  const int64_t inner = L.path == Path::kRows ? L.C : L.H * L.W;
-  return tune_key(c.get_device(), op, static_cast<int>(L.path), static_cast<int>(c.scalar_type()),
-                  /*scale_is_float=*/true, L.wide_index, L.vec, c.numel(), inner);
+  return layout_tune_key(op, L, c, /*scale_is_float=*/true);
 }
 
 // Variant v of each path = unroll depth {1, deep}; the pack width is fixed by alignment.
@@ -326,14 +324,8 @@ void backward_typed(const Layout& L, const at::Tensor& g, const at::Tensor& c, c
 constexpr const char* kStats = "fastconv_cuda::batch_norm_stats";
 constexpr const char* kBackward = "fastconv_cuda::batch_norm_act_backward";
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
 void check_c(const char* op, const at::Tensor& c) {
-  // Meta tensors pass too: the Meta kernels run these same checks without a GPU.
-  FC_CHECK(c.is_cuda() || c.is_meta(), op, "c", "a CUDA tensor", c10::str("a tensor on ", c.device()));
-  FC_CHECK_DIM(op, c, "c", 4);
+  check_input(op, c, "c", 4);
   FC_CHECK(is_supported_dtype(c.scalar_type()), op, "c", "float32, float16 or bfloat16",
            c.scalar_type());
 }
@@ -385,19 +377,12 @@ void check_backward(const at::Tensor& grad_y, const at::Tensor& c, const at::Ten
                     const std::optional<at::Tensor>& bias, int64_t activation) {
   const char* op = kBackward;
   check_c(op, c);
-  FC_CHECK_SAME_DEVICE(op, grad_y, "grad_y", c, "c");
-  FC_CHECK(grad_y.sizes() == c.sizes(), op, "grad_y", c10::str("c's shape ", c.sizes()),
-           grad_y.sizes());
-  FC_CHECK(grad_y.scalar_type() == c.scalar_type(), op, "grad_y",
-           c10::str("c's dtype (", c.scalar_type(), ")"), grad_y.scalar_type());
+  check_like(op, grad_y, "grad_y", c, "c");
   check_vector(op, mean, "mean", c, /*statistics=*/true);
   check_vector(op, invstd, "invstd", c, /*statistics=*/true);
   if (weight.has_value()) check_vector(op, *weight, "weight", c, /*statistics=*/false);
   if (bias.has_value()) check_vector(op, *bias, "bias", c, /*statistics=*/false);
-  FC_CHECK(activation >= 0 && activation < kActCount, op, "activation",
-           c10::str("an activation code in [0, ", kActCount - 1,
-                    "] (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish)"),
-           activation);
+  check_activation(op, "activation", activation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_meta(

@@ -270,32 +270,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_grad_sums
     }
   }
 
-  // Tree over threadIdx.y (a power of two); smem is [2 * VEC][blockDim.y][blockDim.x].
-  extern __shared__ float smem[];
-  const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x, ny = blockDim.y;
-  auto slot = [&](int k, int row) -> float& { return smem[(k * ny + row) * nx + tx]; };
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    slot(i, ty) = sum_g[i];
-    slot(VEC + i, ty) = sum_gx[i];
-  }
-  __syncthreads();
-  for (int half = ny / 2; half > 0; half /= 2) {
-    if (ty < half) {
-#pragma unroll
-      for (int k = 0; k < 2 * VEC; ++k) slot(k, ty) += slot(k, ty + half);
-    }
-    __syncthreads();
-  }
-  if (ty == 0 && active) {
-    float* part_g = ws + static_cast<int64_t>(blockIdx.y) * C;
-    float* part_gx = ws + (parts + blockIdx.y) * C;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      part_g[c0 + i] = slot(i, 0);
-      part_gx[c0 + i] = slot(VEC + i, 0);
-    }
-  }
+  rows_sums_to_parts<VEC>(sum_g, sum_gx, ws, parts, C, c0, active);
 }
 
 template <typename T, typename idx_t, int VEC, int UNROLL, bool CONTIG>
@@ -346,17 +321,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) planes_grad_su
         }
       }
     }
-    // Fixed-shape shuffle tree; lane 0 ends with the warp total.
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      sum_g += __shfl_down_sync(0xffffffffu, sum_g, offset);
-      sum_gx += __shfl_down_sync(0xffffffffu, sum_gx, offset);
-    }
-    if (lane == 0) {
-      const int64_t part = static_cast<int64_t>(t.n) * geom.tiles + t.tile;
-      ws[part * geom.C + t.c] = sum_g;
-      ws[(parts + part) * geom.C + t.c] = sum_gx;
-    }
+    warp_sums_to_parts(sum_g, sum_gx, geom, t, lane, ws, parts);
   }
 }
 

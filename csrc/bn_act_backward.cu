@@ -92,32 +92,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_backward_
     }
   }
 
-  // Tree over threadIdx.y (a power of two); smem is [2 * VEC][blockDim.y][blockDim.x].
-  extern __shared__ float smem[];
-  const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x, ny = blockDim.y;
-  auto slot = [&](int k, int row) -> float& { return smem[(k * ny + row) * nx + tx]; };
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    slot(i, ty) = sum_d[i];
-    slot(VEC + i, ty) = sum_dx[i];
-  }
-  __syncthreads();
-  for (int half = ny / 2; half > 0; half /= 2) {
-    if (ty < half) {
-#pragma unroll
-      for (int k = 0; k < 2 * VEC; ++k) slot(k, ty) += slot(k, ty + half);
-    }
-    __syncthreads();
-  }
-  if (ty == 0 && active) {
-    float* part_d = ws + static_cast<int64_t>(blockIdx.y) * C;
-    float* part_dx = ws + (parts + blockIdx.y) * C;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      part_d[c0 + i] = slot(i, 0);
-      part_dx[c0 + i] = slot(VEC + i, 0);
-    }
-  }
+  rows_sums_to_parts<VEC>(sum_d, sum_dx, ws, parts, C, c0, active);
 }
 
 // kPlanes (CONTIG) and kStrided (!CONTIG, VEC == 1) paths, stage 1. One warp per
@@ -177,17 +152,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) planes_backwar
         store_pack<VEC>(gxp + plane_offset<CONTIG, VEC>(geom, gxs, k), z);
       }
     }
-    // Fixed-shape shuffle tree; lane 0 ends with the warp total.
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      sum_d += __shfl_down_sync(0xffffffffu, sum_d, offset);
-      sum_dx += __shfl_down_sync(0xffffffffu, sum_dx, offset);
-    }
-    if (lane == 0) {
-      const int64_t part = static_cast<int64_t>(t.n) * geom.tiles + t.tile;
-      ws[part * geom.C + t.c] = sum_d;
-      ws[(parts + part) * geom.C + t.c] = sum_dx;
-    }
+    warp_sums_to_parts(sum_d, sum_dx, geom, t, lane, ws, parts);
   }
 }
 
@@ -232,10 +197,7 @@ void backward_typed(const Layout& L, const at::Tensor& g, const at::Tensor& x,
   const Strides<idx_t> gs = strides_of<idx_t>(L, 1);
   const Strides<idx_t> gxs = strides_of<idx_t>(L, 2);
   const int pack = L.vec ? kVec : 1;
-  const int64_t inner = L.path == Path::kRows ? L.C : L.H * L.W;
-  const uint64_t key =
-      tune_key(x.get_device(), kOpBackward, static_cast<int>(L.path), static_cast<int>(x.scalar_type()),
-               scale.scalar_type() == at::kFloat, L.wide_index, L.vec, x.numel(), inner);
+  const uint64_t key = layout_tune_key(kOpBackward, L, x, scale.scalar_type() == at::kFloat);
 
   at::Tensor ws;
   int64_t parts = 0;

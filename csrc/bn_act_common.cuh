@@ -1,64 +1,19 @@
-// Pieces shared by the bn_act forward and backward kernels: memory packs, index
-// geometry, launch shapes and the dtype / index-width dispatch.
+// Pieces shared by the bn_act kernels and the training BatchNorm's (batch_norm.cuh), which
+// walk tensors the same two ways (layout.h's kRows and kPlanes / kStrided paths): the row
+// and plane geometry and their launch shapes. The generic pieces are in common.cuh.
 #pragma once
-
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "autotune.h"
+#include "common.cuh"
 #include "layout.h"
 
 namespace fastconv {
 
-constexpr int kBlockThreads = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
-// Occupancy floor given to ptxas (__launch_bounds__): caps registers at 128/thread, so at
-// least 16 warps per SM keep loads in flight. Without it ptxas picked 64 registers for
-// some variants and spilled.
-constexpr int kMinBlocksPerSM = 2;
-
-// ---------------------------------------------------------------------------------------
-// Memory packs: N elements moved as one aligned access. Loads return the raw pack and
-// conversion to fp32 happens at use, so UNROLL packs of 16-bit data in flight cost half
-// the registers of converted floats.
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void unpack(const Pack<T, N>& pk, float (&out)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = static_cast<float>(pk.v[i]);
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int i = 0; i < N; ++i) pk.v[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
 // ---------------------------------------------------------------------------------------
 // Index geometry (kernel arguments, passed by value).
-
-// Element strides of one tensor; size-1 dims have stride 0 (see Layout).
-template <typename idx_t>
-struct Strides {
-  idx_t n, c, h, w;
-};
 
 // kRows path: a row is one (n, h, w) position holding C contiguous channels.
 template <typename idx_t>
@@ -117,6 +72,64 @@ __device__ __forceinline__ idx_t plane_offset(const PlaneGeom<idx_t>& g, const S
 }
 
 // ---------------------------------------------------------------------------------------
+// Endings of the stage-1 kernels that reduce two sums per channel (bn_act's backward,
+// batch_norm's gradient sums) into a [2, parts, C] float32 workspace. Fixed-shape trees, so
+// the sums are deterministic and independent of the tuning variant.
+
+// kRows: sums a[i], b[i] of channels c0..c0+VEC-1 over threadIdx.y (a power of two) by a
+// tree in dynamic shared memory ([2 * VEC][blockDim.y][blockDim.x] floats); block row
+// blockIdx.y writes part blockIdx.y. Every thread of the block calls it, inactive ones
+// (c0 >= C) with zeros.
+template <int VEC>
+__device__ __forceinline__ void rows_sums_to_parts(const float (&a)[VEC], const float (&b)[VEC],
+                                                   float* __restrict__ ws, int64_t parts, int C,
+                                                   int c0, bool active) {
+  extern __shared__ float smem[];
+  const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x, ny = blockDim.y;
+  auto slot = [&](int k, int row) -> float& { return smem[(k * ny + row) * nx + tx]; };
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    slot(i, ty) = a[i];
+    slot(VEC + i, ty) = b[i];
+  }
+  __syncthreads();
+  for (int half = ny / 2; half > 0; half /= 2) {
+    if (ty < half) {
+#pragma unroll
+      for (int k = 0; k < 2 * VEC; ++k) slot(k, ty) += slot(k, ty + half);
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+    float* part_a = ws + static_cast<int64_t>(blockIdx.y) * C;
+    float* part_b = ws + (parts + blockIdx.y) * C;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      part_a[c0 + i] = slot(i, 0);
+      part_b[c0 + i] = slot(VEC + i, 0);
+    }
+  }
+}
+
+// kPlanes / kStrided: sums a and b over the warp by a shuffle tree; lane 0 writes part
+// n * tiles + tile of the warp's task.
+template <typename idx_t>
+__device__ __forceinline__ void warp_sums_to_parts(float a, float b, const PlaneGeom<idx_t>& geom,
+                                                   const PlaneTask<idx_t>& t, int lane,
+                                                   float* __restrict__ ws, int64_t parts) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    a += __shfl_down_sync(0xffffffffu, a, offset);
+    b += __shfl_down_sync(0xffffffffu, b, offset);
+  }
+  if (lane == 0) {
+    const int64_t part = static_cast<int64_t>(t.n) * geom.tiles + t.tile;
+    ws[part * geom.C + t.c] = a;
+    ws[(parts + part) * geom.C + t.c] = b;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Host side: geometry from a Layout and launch shapes.
 
 template <typename idx_t>
@@ -131,10 +144,6 @@ RowGeom<idx_t> row_geom(const Layout& L) {
   return {static_cast<idx_t>(L.N * L.H * L.W), static_cast<idx_t>(L.H),
           static_cast<idx_t>(L.W), L.uniform_rows};
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 struct RowsLaunch {
   dim3 grid, block;
@@ -187,31 +196,13 @@ PlaneGeom<idx_t> plane_geom(const Layout& L, const PlanesLaunch& cfg, int64_t le
           static_cast<int>(L.C)};
 }
 
-// Calls f(T{}, S{}, idx_t{}) with T the element type of x, S that of scale/shift (T or
-// float) and idx_t int32_t or int64_t.
-template <typename F>
-void dispatch_types(at::ScalarType x_type, at::ScalarType scale_type, bool wide_index, F&& f) {
-  auto with_x = [&](auto t_tag) {
-    using T = decltype(t_tag);
-    auto with_scale = [&](auto s_tag) {
-      if (wide_index) {
-        f(t_tag, s_tag, int64_t{0});
-      } else {
-        f(t_tag, s_tag, int32_t{0});
-      }
-    };
-    if (scale_type == at::kFloat) {
-      with_scale(float{});
-    } else {
-      with_scale(T{});
-    }
-  };
-  switch (x_type) {
-    case at::kFloat: with_x(float{}); break;
-    case at::kHalf: with_x(c10::Half{}); break;
-    case at::kBFloat16: with_x(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "bn_act: unsupported dtype ", x_type);
-  }
+// Tuning key of a bn_act / batch_norm launch: the layout's path, width and alignment, and
+// the size classes of the tensor and of its inner run (channels on kRows, H*W otherwise).
+inline uint64_t layout_tune_key(int op, const Layout& L, const at::Tensor& x,
+                                bool scale_is_float) {
+  const int64_t inner = L.path == Path::kRows ? L.C : L.H * L.W;
+  return tune_key(x.get_device(), op, static_cast<int>(L.path), static_cast<int>(x.scalar_type()),
+                  scale_is_float, L.wide_index, L.vec, x.numel(), inner);
 }
 
 }  // namespace fastconv

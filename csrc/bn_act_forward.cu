@@ -111,10 +111,7 @@ void forward_typed(const Layout& L, const at::Tensor& x, const at::Tensor& scale
   const Strides<idx_t> xs = strides_of<idx_t>(L, 0);
   const Strides<idx_t> ys = strides_of<idx_t>(L, 1);
   const int pack = L.vec ? kVec : 1;
-  const int64_t inner = L.path == Path::kRows ? L.C : L.H * L.W;
-  const uint64_t key =
-      tune_key(x.get_device(), kOpForward, static_cast<int>(L.path), static_cast<int>(x.scalar_type()),
-               scale.scalar_type() == at::kFloat, L.wide_index, L.vec, x.numel(), inner);
+  const uint64_t key = layout_tune_key(kOpForward, L, x, scale.scalar_type() == at::kFloat);
 
   // Variant v of each path = unroll depth {1, 4}; the pack width is fixed by alignment.
   if (L.path == Path::kRows) {

@@ -1,20 +1,26 @@
-// Argument validation for the fastconv_cuda ops.
+// Argument validation for the fastconv_cuda ops, written once for every kernel family.
 //
 // Every failure message names the op, the argument, what was expected and what was
 // actually passed, so a caller can fix the call without reading this code.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "activation_codes.h"
+#include "layout.h"
 
 // FC_CHECK(cond, op, arg, expected, actual): `expected` and `actual` are anything
 // c10::str can print; build composite descriptions with c10::str(...).
 #define FC_CHECK(cond, op, arg, expected, actual)                                    \
   TORCH_CHECK((cond), op, ": argument '", arg, "' must be ", expected, ", but got ", \
               actual)
-
-#define FC_CHECK_CUDA(op, t, arg) \
-  FC_CHECK((t).is_cuda(), op, arg, "a CUDA tensor", c10::str("a tensor on ", (t).device()))
 
 #define FC_CHECK_DIM(op, t, arg, d)                   \
   FC_CHECK((t).dim() == (d), op, arg, c10::str(d, "-D"), \
@@ -24,3 +30,86 @@
   FC_CHECK((t).device() == (ref).device(), op, arg,                                      \
            c10::str("on the same device as '", ref_arg, "' (", (ref).device(), ")"), \
            (t).device())
+
+namespace fastconv {
+
+// The element types of the bn_act, depthwise and batch_norm kernels (the tensor-core GEMMs
+// have their own rule, gemm_launch.cuh's check_mma_dtype: fp32 only as tf32).
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The main input of an op: a CUDA tensor, or a meta tensor (the Meta kernels run these same
+// checks without a GPU), of `dim` dimensions.
+inline void check_input(const char* op, const at::Tensor& t, const char* arg, int64_t dim) {
+  FC_CHECK(t.is_cuda() || t.is_meta(), op, arg, "a CUDA tensor",
+           c10::str("a tensor on ", t.device()));
+  FC_CHECK_DIM(op, t, arg, dim);
+}
+
+// t has ref's shape, device and dtype (a gradient of ref, say).
+inline void check_like(const char* op, const at::Tensor& t, const char* arg, const at::Tensor& ref,
+                       const char* ref_arg) {
+  FC_CHECK_SAME_DEVICE(op, t, arg, ref, ref_arg);
+  FC_CHECK(t.sizes() == ref.sizes(), op, arg, c10::str(ref_arg, "'s shape ", ref.sizes()),
+           t.sizes());
+  FC_CHECK(t.scalar_type() == ref.scalar_type(), op, arg,
+           c10::str(ref_arg, "'s dtype (", ref.scalar_type(), ")"), t.scalar_type());
+}
+
+inline void check_activation(const char* op, const char* name, int64_t code) {
+  FC_CHECK(code >= 0 && code < kActCount, op, name,
+           c10::str("an activation code in [0, ", kActCount - 1,
+                    "] (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish)"),
+           code);
+}
+
+// Optional per-channel vector: 1-D of `size` on x's device, x's dtype (or float32 when
+// allow_float). `what` says which channels, e.g. "C_out = weight.size(0) = 24".
+inline void check_channel_vector(const char* op, const std::optional<at::Tensor>& t,
+                                 const char* name, const at::Tensor& x, int64_t size,
+                                 const std::string& what, bool allow_float) {
+  if (!t.has_value() || !t->defined()) return;
+  FC_CHECK_SAME_DEVICE(op, *t, name, x, "x");
+  FC_CHECK(t->dim() == 1 && t->size(0) == size, op, name, c10::str("a 1-D tensor of size ", what),
+           c10::str("shape ", t->sizes()));
+  if (allow_float) {
+    FC_CHECK(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, op, name,
+             c10::str("x's dtype (", x.scalar_type(), ") or float32"), t->scalar_type());
+  } else {
+    FC_CHECK(t->scalar_type() == x.scalar_type(), op, name,
+             c10::str("x's dtype (", x.scalar_type(), ")"), t->scalar_type());
+  }
+}
+
+// The int lists of a 2-D convolution on x: stride (sh, sw), padding (top, left, bottom,
+// right), dilation (dh, dw). Each value and the padded input size are bounded by
+// kMaxNarrowIndex (2^30), so the kernels' int32 tap coordinates cannot overflow. Returns the
+// padded input's (rows, columns).
+inline std::pair<int64_t, int64_t> check_conv_params(const char* op, const at::Tensor& x,
+                                                     at::IntArrayRef stride,
+                                                     at::IntArrayRef padding,
+                                                     at::IntArrayRef dilation) {
+  FC_CHECK(stride.size() == 2, op, "stride", "a list of 2 ints (sh, sw)", stride);
+  FC_CHECK(padding.size() == 4, op, "padding",
+           "a list of 4 ints (pad_top, pad_left, pad_bottom, pad_right)", padding);
+  FC_CHECK(dilation.size() == 2, op, "dilation", "a list of 2 ints (dh, dw)", dilation);
+  for (int64_t s : stride) {
+    FC_CHECK(s >= 1 && s <= kMaxNarrowIndex, op, "stride", "in [1, 2^30] in each dim", stride);
+  }
+  for (int64_t p : padding) {
+    FC_CHECK(p >= 0 && p <= kMaxNarrowIndex, op, "padding", "in [0, 2^30] in each entry",
+             padding);
+  }
+  for (int64_t d : dilation) {
+    FC_CHECK(d >= 1 && d <= kMaxNarrowIndex, op, "dilation", "in [1, 2^30] in each dim",
+             dilation);
+  }
+  const int64_t Hp = x.size(2) + padding[0] + padding[2], Wp = x.size(3) + padding[1] + padding[3];
+  FC_CHECK(Hp <= kMaxNarrowIndex && Wp <= kMaxNarrowIndex, op, "padding",
+           "such that the padded input is at most 2^30 rows and columns",
+           c10::str(padding, " on x of shape ", x.sizes()));
+  return {Hp, Wp};
+}
+
+}  // namespace fastconv

@@ -25,7 +25,6 @@ namespace gemm {
 namespace {
 
 constexpr const char* kOp = "fastconv_cuda::conv_bn_act_forward";
-constexpr int64_t kMaxCoord = int64_t{1} << 30;  // sizes, pads, strides: int32 tap math
 
 // A[m, k] = x[n, g*C_in_g + c, oh*sh - pt + r*dh, ow*sw - pl + s*dw], zero outside x.
 template <typename T>
@@ -138,16 +137,15 @@ Geometry check_conv(const at::Tensor& x, const at::Tensor& weight,
                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                     int64_t activation, bool allow_tf32) {
-  // Meta tensors pass too: the Meta kernel runs these same checks without a GPU.
-  FC_CHECK(x.is_cuda() || x.is_meta(), kOp, "x", "a CUDA tensor",
-           c10::str("a tensor on ", x.device()));
-  FC_CHECK_DIM(kOp, x, "x", 4);
+  check_input(kOp, x, "x", 4);
   check_mma_dtype(kOp, x, allow_tf32);
   FC_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, kOp, "x",
            "a tensor with at least one channel, row and column (N may be 0)",
            c10::str("shape ", x.sizes()));
-  FC_CHECK(x.size(1) <= kMaxCoord && x.size(2) <= kMaxCoord && x.size(3) <= kMaxCoord, kOp, "x",
-           "at most 2^30 channels, rows and columns", c10::str("shape ", x.sizes()));
+  // Sizes, pads, strides and dilations below 2^30: the kernels' tap math is int32.
+  FC_CHECK(x.size(1) <= kMaxNarrowIndex && x.size(2) <= kMaxNarrowIndex &&
+               x.size(3) <= kMaxNarrowIndex,
+           kOp, "x", "at most 2^30 channels, rows and columns", c10::str("shape ", x.sizes()));
   FC_CHECK_SAME_DEVICE(kOp, weight, "weight", x, "x");
   FC_CHECK_DIM(kOp, weight, "weight", 4);
   FC_CHECK(weight.scalar_type() == x.scalar_type(), kOp, "weight",
@@ -163,23 +161,7 @@ Geometry check_conv(const at::Tensor& x, const at::Tensor& weight,
            c10::str("of shape (C_out, C_in / groups, KH, KW) with C_out >= 1 a multiple of "
                     "groups = ", groups, " and KH, KW >= 1"),
            c10::str("shape ", weight.sizes()));
-  FC_CHECK(stride.size() == 2, kOp, "stride", "a list of 2 ints (sh, sw)", stride);
-  FC_CHECK(padding.size() == 4, kOp, "padding",
-           "a list of 4 ints (pad_top, pad_left, pad_bottom, pad_right)", padding);
-  FC_CHECK(dilation.size() == 2, kOp, "dilation", "a list of 2 ints (dh, dw)", dilation);
-  for (int64_t s : stride) {
-    FC_CHECK(s >= 1 && s <= kMaxCoord, kOp, "stride", "in [1, 2^30] in each dim", stride);
-  }
-  for (int64_t p : padding) {
-    FC_CHECK(p >= 0 && p <= kMaxCoord, kOp, "padding", "in [0, 2^30] in each entry", padding);
-  }
-  for (int64_t d : dilation) {
-    FC_CHECK(d >= 1 && d <= kMaxCoord, kOp, "dilation", "in [1, 2^30] in each dim", dilation);
-  }
-  const int64_t Hp = g.H + padding[0] + padding[2], Wp = g.W + padding[1] + padding[3];
-  FC_CHECK(Hp <= kMaxCoord && Wp <= kMaxCoord, kOp, "padding",
-           "such that the padded input is at most 2^30 rows and columns",
-           c10::str(padding, " on x of shape ", x.sizes()));
+  const auto [Hp, Wp] = check_conv_params(kOp, x, stride, padding, dilation);
   const int64_t ext_h = (g.KH - 1) * dilation[0] + 1, ext_w = (g.KW - 1) * dilation[1] + 1;
   g.Ho = ext_h <= Hp ? (Hp - ext_h) / stride[0] + 1 : 0;
   g.Wo = ext_w <= Wp ? (Wp - ext_w) / stride[1] + 1 : 0;
@@ -200,13 +182,9 @@ Geometry check_conv(const at::Tensor& x, const at::Tensor& weight,
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// out is channels_last when x's channels are innermost (and there is more than one), else
-// NCHW: fastconv/_conv_args.py's output_memory_format.
+// out follows the layout rule (layout.h); the statistics are [C_out] float32, or empty.
 Outputs allocate(const at::Tensor& x, const Geometry& g, bool compute_stats) {
-  const bool cl = x.size(1) > 1 && x.stride(1) == 1;
-  at::Tensor out = at::empty({g.N, g.C_out, g.Ho, g.Wo},
-                             x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                          : at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output(x, {g.N, g.C_out, g.Ho, g.Wo});
   const int64_t n = compute_stats ? g.C_out : 0;
   const auto f32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   return {out, at::empty({n}, f32), at::empty({n}, f32)};

@@ -8,9 +8,9 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
-#include "activations.cuh"
 #include "checks.h"
 #include "depthwise.h"
 #include "layout.h"
@@ -21,10 +21,6 @@ namespace {
 constexpr const char* kForward = "fastconv_cuda::depthwise_forward";
 constexpr const char* kBackwardInput = "fastconv_cuda::depthwise_backward_input";
 constexpr const char* kBackwardWeight = "fastconv_cuda::depthwise_backward_weight";
-
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 // Validated geometry of one depthwise convolution.
 struct Geometry {
@@ -38,10 +34,7 @@ struct Geometry {
 // dilations are bounded by kMaxNarrowIndex so the kernels' int32 coordinates never overflow.
 Geometry check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  // Meta tensors pass too: the Meta kernels run these same checks without a GPU.
-  FC_CHECK(x.is_cuda() || x.is_meta(), op, "x", "a CUDA tensor",
-           c10::str("a tensor on ", x.device()));
-  FC_CHECK_DIM(op, x, "x", 4);
+  check_input(op, x, "x", 4);
   FC_CHECK(is_supported_dtype(x.scalar_type()), op, "x", "float32, float16 or bfloat16",
            x.scalar_type());
   FC_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op, "x",
@@ -65,21 +58,7 @@ Geometry check_conv(const char* op, const at::Tensor& x, const at::Tensor& weigh
   FC_CHECK(weight.size(0) <= kMaxNarrowIndex, op, "weight", "at most 2^30 output channels",
            c10::str("shape ", weight.sizes()));
 
-  FC_CHECK(stride.size() == 2, op, "stride", "a list of 2 ints (sh, sw)", stride);
-  FC_CHECK(padding.size() == 4, op, "padding",
-           "a list of 4 ints (pad_top, pad_left, pad_bottom, pad_right)", padding);
-  FC_CHECK(dilation.size() == 2, op, "dilation", "a list of 2 ints (dh, dw)", dilation);
-  for (int64_t s : stride) {
-    FC_CHECK(s >= 1 && s <= kMaxNarrowIndex, op, "stride", "in [1, 2^30] in each dim", stride);
-  }
-  for (int64_t p : padding) {
-    FC_CHECK(p >= 0 && p <= kMaxNarrowIndex, op, "padding", "in [0, 2^30] in each entry",
-             padding);
-  }
-  for (int64_t d : dilation) {
-    FC_CHECK(d >= 1 && d <= kMaxNarrowIndex, op, "dilation", "in [1, 2^30] in each dim",
-             dilation);
-  }
+  const auto [Hp, Wp] = check_conv_params(op, x, stride, padding, dilation);
 
   Geometry g;
   g.N = x.size(0);
@@ -98,10 +77,6 @@ Geometry check_conv(const char* op, const at::Tensor& x, const at::Tensor& weigh
   g.pr = padding[3];
   g.dh = dilation[0];
   g.dw = dilation[1];
-  const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
-  FC_CHECK(Hp <= kMaxNarrowIndex && Wp <= kMaxNarrowIndex, op, "padding",
-           c10::str("such that the padded input is at most 2^30 rows and columns"),
-           c10::str(padding, " on x of shape ", x.sizes()));
   // Effective extents in int64 (KH, dh are each < 2^31, their product may not fit int32).
   const int64_t ext_h = (g.KH - 1) * g.dh + 1, ext_w = (g.KW - 1) * g.dw + 1;
   g.Ho = ext_h <= Hp ? (Hp - ext_h) / g.sh + 1 : 0;
@@ -114,24 +89,6 @@ Geometry check_conv(const char* op, const at::Tensor& x, const at::Tensor& weigh
   return g;
 }
 
-// Optional per-channel vector: 1-D of size Cm on x's device, x's dtype (or float32 when
-// allow_float).
-void check_vector(const char* op, const std::optional<at::Tensor>& t, const char* name,
-                  const at::Tensor& x, int64_t Cm, bool allow_float) {
-  if (!t.has_value() || !t->defined()) return;
-  FC_CHECK_SAME_DEVICE(op, *t, name, x, "x");
-  FC_CHECK(t->dim() == 1 && t->size(0) == Cm, op, name,
-           c10::str("a 1-D tensor of size C*m = weight.size(0) = ", Cm),
-           c10::str("shape ", t->sizes()));
-  if (allow_float) {
-    FC_CHECK(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, op, name,
-             c10::str("x's dtype (", x.scalar_type(), ") or float32"), t->scalar_type());
-  } else {
-    FC_CHECK(t->scalar_type() == x.scalar_type(), op, name,
-             c10::str("x's dtype (", x.scalar_type(), ")"), t->scalar_type());
-  }
-}
-
 void check_grad(const char* op, const at::Tensor& grad_c, const at::Tensor& x,
                 const Geometry& g) {
   FC_CHECK_SAME_DEVICE(op, grad_c, "grad_c", x, "x");
@@ -142,21 +99,14 @@ void check_grad(const char* op, const at::Tensor& grad_c, const at::Tensor& x,
            c10::str("the output's shape ", at::IntArrayRef(expected)), grad_c.sizes());
 }
 
-// channels_last when x's channels are innermost (and there is more than one), else NCHW.
-at::Tensor alloc_like_rule(const at::Tensor& x, at::IntArrayRef sizes) {
-  const bool cl = x.size(1) > 1 && x.stride(1) == 1;
-  return at::empty(sizes, x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
-                                                       : at::MemoryFormat::Contiguous));
-}
-
 at::Tensor opt_contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
-// Runs one correlation with the best applicable kernel family.
+// Runs one correlation with the best applicable kernel family: the rows kernels when the
+// output's channels are innermost (as the layout rule makes them for a channels_last x).
 void run_conv(const DwConv& p, int op) {
-  const bool out_cl = p.out.size(1) > 1 && p.out.stride(1) == 1;
-  if (out_cl) {
+  if (channels_innermost(p.out)) {
     if (!launch_dw_rows(p, op)) launch_dw_direct(p);
   } else {
     if (!launch_dw_planes(p, op)) launch_dw_direct(p);
@@ -172,14 +122,12 @@ at::Tensor depthwise_forward_meta(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& scale,
                                   const std::optional<at::Tensor>& shift, int64_t activation) {
   const Geometry g = check_conv(kForward, x, weight, stride, padding, dilation);
-  check_vector(kForward, bias, "bias", x, g.Cm, /*allow_float=*/false);
-  check_vector(kForward, scale, "scale", x, g.Cm, /*allow_float=*/true);
-  check_vector(kForward, shift, "shift", x, g.Cm, /*allow_float=*/true);
-  FC_CHECK(activation >= 0 && activation < kActCount, kForward, "activation",
-           c10::str("an activation code in [0, ", kActCount - 1,
-                    "] (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish)"),
-           activation);
-  return alloc_like_rule(x, {g.N, g.Cm, g.Ho, g.Wo});
+  const std::string outs = c10::str("C*m = weight.size(0) = ", g.Cm);
+  check_channel_vector(kForward, bias, "bias", x, g.Cm, outs, /*allow_float=*/false);
+  check_channel_vector(kForward, scale, "scale", x, g.Cm, outs, /*allow_float=*/true);
+  check_channel_vector(kForward, shift, "shift", x, g.Cm, outs, /*allow_float=*/true);
+  check_activation(kForward, "activation", activation);
+  return empty_output(x, {g.N, g.Cm, g.Ho, g.Wo});
 }
 
 at::Tensor depthwise_backward_input_meta(const at::Tensor& grad_c, const at::Tensor& x,
@@ -187,7 +135,7 @@ at::Tensor depthwise_backward_input_meta(const at::Tensor& grad_c, const at::Ten
                                          at::IntArrayRef padding, at::IntArrayRef dilation) {
   const Geometry g = check_conv(kBackwardInput, x, weight, stride, padding, dilation);
   check_grad(kBackwardInput, grad_c, x, g);
-  return alloc_like_rule(x, x.sizes());
+  return empty_output(x, x.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> depthwise_backward_weight_meta(

@@ -15,8 +15,9 @@
 
 #include "activations.cuh"
 #include "autotune.h"
-#include "bn_act_common.cuh"
+#include "common.cuh"
 #include "depthwise.h"
+#include "layout.h"
 
 namespace fastconv {
 namespace dw {
@@ -152,11 +153,6 @@ void dispatch_dtype_index(at::ScalarType type, bool wide, F&& f) {
   dispatch_types(type, type, wide, [&](auto t, auto s, auto i) {
     if constexpr (std::is_same_v<decltype(t), decltype(s)>) f(t, i);
   });
-}
-
-// True when p is aligned to `bytes`.
-inline bool ptr_aligned(const void* p, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
 }  // namespace dw

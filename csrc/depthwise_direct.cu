@@ -398,7 +398,7 @@ void launch_dw_wgrad(const at::Tensor& grad_c, const at::Tensor& x, int64_t KH, 
   const int64_t esize = x.element_size();
   bool vec4 = K == 3 && g.m == 1 && Cout % 4 == 0 && grad_c.stride(1) == 1 && x.stride(1) == 1;
   for (const at::Tensor* t : {&grad_c, &x}) {
-    vec4 = vec4 && ptr_aligned(t->const_data_ptr(), 4 * esize);
+    vec4 = vec4 && is_aligned(t->const_data_ptr(), 4 * esize);
     for (int d : {0, 2, 3}) vec4 = vec4 && (t->size(d) == 1 || t->stride(d) % 4 == 0);
   }
   const int VEC = vec4 ? 4 : 1;

@@ -244,7 +244,7 @@ bool launch_dw_rows(const DwConv& p, int op) {
   if (p.in.stride(1) != 1 || p.out.stride(1) != 1 || p.out.size(1) % vec != 0) return false;
   if (needs_wide_index({&p.in, &p.out, &p.weight})) return false;
   for (const at::Tensor* t : {&p.in, &p.out}) {
-    if (!ptr_aligned(t->const_data_ptr(), kPackBytes)) return false;
+    if (!is_aligned(t->const_data_ptr(), kPackBytes)) return false;
     for (int d : {0, 2, 3}) {
       if (t->size(d) > 1 && t->stride(d) % vec != 0) return false;
     }

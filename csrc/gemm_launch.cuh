@@ -10,10 +10,10 @@
 #include <limits>
 #include <optional>
 
-#include "activations.cuh"
 #include "autotune.h"
 #include "checks.h"
 #include "gemm_common.cuh"
+#include "layout.h"
 
 namespace fastconv {
 namespace gemm {
@@ -63,31 +63,6 @@ inline void check_mma_dtype(const char* op, const at::Tensor& x, bool allow_tf32
            x.scalar_type());
 }
 
-inline void check_activation(const char* op, const char* name, int64_t code) {
-  FC_CHECK(code >= 0 && code < kActCount, op, name,
-           c10::str("an activation code in [0, ", kActCount - 1,
-                    "] (0 none, 1 relu, 2 relu6, 3 silu, 4 hardswish)"),
-           code);
-}
-
-// Optional per-channel vector: 1-D of `size` on x's device, x's dtype (or float32 when
-// allow_float). `what` says which channels, e.g. "C_out = weight.size(0) = 24".
-inline void check_channel_vector(const char* op, const std::optional<at::Tensor>& t,
-                                 const char* name, const at::Tensor& x, int64_t size,
-                                 const std::string& what, bool allow_float) {
-  if (!t.has_value() || !t->defined()) return;
-  FC_CHECK_SAME_DEVICE(op, *t, name, x, "x");
-  FC_CHECK(t->dim() == 1 && t->size(0) == size, op, name, c10::str("a 1-D tensor of size ", what),
-           c10::str("shape ", t->sizes()));
-  if (allow_float) {
-    FC_CHECK(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, op, name,
-             c10::str("x's dtype (", x.scalar_type(), ") or float32"), t->scalar_type());
-  } else {
-    FC_CHECK(t->scalar_type() == x.scalar_type(), op, name,
-             c10::str("x's dtype (", x.scalar_type(), ")"), t->scalar_type());
-  }
-}
-
 // Contiguous copy of an optional vector (C values) and its kernel view. `keep` owns it.
 inline ChannelVec channel_vec(const std::optional<at::Tensor>& t, at::Tensor& keep) {
   if (!t.has_value() || !t->defined()) return {nullptr, kVecAbsent};
@@ -95,7 +70,7 @@ inline ChannelVec channel_vec(const std::optional<at::Tensor>& t, at::Tensor& ke
   return {keep.const_data_ptr(), keep.scalar_type() == at::kFloat ? kVecFloat : kVecSame};
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const void* p) { return is_aligned(p, 16); }
 
 // Element strides of (n, h, w) with size-1 dims zeroed (their index is always 0, so their
 // stride must not spoil the alignment tests).

@@ -1,4 +1,4 @@
-// Layout analysis for the bn_act kernels (see layout.h).
+// Layout analysis for the bn_act and batch_norm kernels (see layout.h).
 #include "layout.h"
 
 namespace fastconv {
@@ -24,10 +24,6 @@ bool rows_are_uniform(const std::array<int64_t, 4>& s, const int64_t (&size)[4],
     expected = s[d] * size[d];  // a broadcast (stride 0) dim keeps expecting 0
   }
   return true;
-}
-
-bool pointer_aligned(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % kPackBytes == 0;
 }
 
 }  // namespace
@@ -58,7 +54,7 @@ Layout make_layout(const std::vector<at::Tensor>& tensors) {
     L.wide_index |= span > kMaxNarrowIndex;
     channels_innermost &= s[1] == 1;
     planes_contiguous &= plane_is_contiguous(s, L.H, L.W);
-    aligned &= pointer_aligned(t);
+    aligned &= is_aligned(t.data_ptr(), kPackBytes);
     L.strides.push_back(s);
   }
 

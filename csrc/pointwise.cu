@@ -56,10 +56,7 @@ void check_pointwise(const at::Tensor& x, const at::Tensor& weight,
                      const std::optional<at::Tensor>& in_scale,
                      const std::optional<at::Tensor>& in_shift, int64_t in_activation,
                      bool allow_tf32, const at::Tensor& out) {
-  // Meta tensors pass too: the Meta kernel runs these same checks without a GPU.
-  FC_CHECK(x.is_cuda() || x.is_meta(), kOp, "x", "a CUDA tensor",
-           c10::str("a tensor on ", x.device()));
-  FC_CHECK_DIM(kOp, x, "x", 4);
+  check_input(kOp, x, "x", 4);
   check_mma_dtype(kOp, x, allow_tf32);
   const int64_t C_in = x.size(1);
   FC_CHECK_SAME_DEVICE(kOp, weight, "weight", x, "x");
