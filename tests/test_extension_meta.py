@@ -1,0 +1,197 @@
+"""The extension's Meta kernels agree with the Python fakes.
+
+Every fastconv_cuda op has a Meta kernel that runs the CUDA kernel's argument checks and output
+allocation without a GPU, while the public ops (torch.ops.fastconv.*) have Python fakes that
+torch.compile and meta tensors use. The two decide the same things (output shapes, dtypes and
+layouts) in two languages, so this file calls each C++ op on meta tensors, in NCHW,
+channels_last and a channel slice of a wider channels_last buffer, and checks that what it
+returns matches the fake of the fastconv op it implements. With FASTCONV_EXPECT_EXTENSION=1
+(CI) a missing extension fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastconv
+from fastconv._extension import load_extension
+
+_module, _why = load_extension()
+if _module is None:
+    if os.environ.get("FASTCONV_EXPECT_EXTENSION") == "1":
+        raise AssertionError(f"FASTCONV_EXPECT_EXTENSION=1 but {_why}")
+    pytest.skip(_why, allow_module_level=True)
+
+cuda = torch.ops.fastconv_cuda
+fake = torch.ops.fastconv  # called directly: the public functions' autocast checks need a real device
+
+LAYOUTS = ("nchw", "channels_last", "channel_slice")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def meta(shape, dtype, layout="nchw"):
+    """A meta tensor of `shape`: dense NCHW, dense channels_last, or channels 1..C of a wider
+    channels_last buffer (DenseNet's concatenations)."""
+    if layout == "channel_slice":
+        wide = torch.empty(shape[0], shape[1] + 3, *shape[2:], dtype=dtype, device="meta")
+        return wide.contiguous(memory_format=torch.channels_last)[:, 1 : shape[1] + 1]
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=memory_format)
+
+
+def vector(n, dtype=torch.float32):
+    return torch.empty(n, dtype=dtype, device="meta")
+
+
+def assert_same_outputs(ours, theirs):
+    ours = ours if isinstance(ours, (tuple, list)) else (ours,)
+    theirs = theirs if isinstance(theirs, (tuple, list)) else (theirs,)
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        described = f"output {i}: C++ {tuple(a.shape)} {a.dtype} {a.stride()}, fake {tuple(b.shape)} {b.dtype} {b.stride()}"
+        assert a.device.type == b.device.type == "meta", described
+        assert a.shape == b.shape and a.dtype == b.dtype, described
+        assert a.stride() == b.stride(), described
+
+
+# Each case: (C++ op, its twin, dtype, layout) -> (the C++ op's outputs, the fake's outputs).
+
+
+def bn_act_forward(dtype, layout):
+    x, s = meta((2, 6, 5, 7), dtype, layout), vector(6)
+    return cuda.bn_act_forward(x, s, s, 2), fake.bn_act(x, s, s, "relu6")
+
+
+def bn_act_backward(dtype, layout):
+    x, s = meta((2, 6, 5, 7), dtype, layout), vector(6)
+    g = meta((2, 6, 5, 7), dtype, "nchw")
+    return cuda.bn_act_backward(g, x, s, s, 3), fake.bn_act_backward(g, x, s, s, "silu")
+
+
+DEPTHWISE = ([2, 2], [1, 0, 2, 1], [1, 1])  # stride, padding (top, left, bottom, right), dilation
+
+
+def depthwise_inputs(dtype, layout, multiplier=2):
+    x = meta((2, 8, 9, 11), dtype, layout)
+    return x, torch.empty(8 * multiplier, 1, 3, 3, dtype=dtype, device="meta")
+
+
+def depthwise_forward(dtype, layout):
+    x, w = depthwise_inputs(dtype, layout)
+    b, s = torch.empty(16, dtype=dtype, device="meta"), vector(16)
+    return (
+        cuda.depthwise_forward(x, w, b, *DEPTHWISE, s, s, 1),
+        fake.depthwise_conv2d(x, w, b, *DEPTHWISE, s, s, "relu"),
+    )
+
+
+def depthwise_grad_c(x, w):
+    # Ho = (9 + 1 + 2 - 3) // 2 + 1 = 5, Wo = (11 + 0 + 1 - 3) // 2 + 1 = 5
+    return torch.empty(x.shape[0], w.shape[0], 5, 5, dtype=x.dtype, device="meta")
+
+
+def depthwise_backward_input(dtype, layout):
+    x, w = depthwise_inputs(dtype, layout)
+    g = depthwise_grad_c(x, w)
+    return (
+        cuda.depthwise_backward_input(g, x, w, *DEPTHWISE),
+        fake.depthwise_conv2d_backward_input(g, x, w, *DEPTHWISE),
+    )
+
+
+def depthwise_backward_weight(dtype, layout):
+    x, w = depthwise_inputs(dtype, layout)
+    g = depthwise_grad_c(x, w)
+    return (
+        cuda.depthwise_backward_weight(g, x, w, *DEPTHWISE),
+        fake.depthwise_conv2d_backward_weight(g, x, w, *DEPTHWISE),
+    )
+
+
+def pointwise_forward(dtype, layout):
+    """The C++ op writes into `out`; its twin allocates. So the fake's output is handed to the
+    C++ op as `out` (which its checks must accept), and compared with what the fake returns."""
+    x = meta((2, 16, 5, 7), dtype, layout)
+    w = torch.empty(24, 16, 1, 1, dtype=dtype, device="meta")
+    b, s, t = torch.empty(24, dtype=dtype, device="meta"), vector(24), vector(16)
+    theirs = fake.pointwise_conv2d(x, w, b, s, s, "relu6", None, False, t, t, "relu")
+    out = torch.empty_strided(theirs.shape, theirs.stride(), dtype=theirs.dtype, device="meta")
+    cuda.pointwise_forward(x, w[:, :, 0, 0], b, s, s, 2, None, False, t, t, 1, True, out)
+    return out, theirs
+
+
+CONV = ([2, 1], [1, 1, 2, 0], [1, 2], 2)  # stride, padding, dilation, groups
+
+
+def conv_inputs(dtype, layout):
+    return meta((2, 8, 11, 13), dtype, layout), torch.empty(12, 4, 3, 3, dtype=dtype, device="meta")
+
+
+def conv_bn_act_forward(dtype, layout):
+    x, w = conv_inputs(dtype, layout)
+    s = vector(12)
+    out, _, _ = cuda.conv_bn_act_forward(x, w, None, *CONV, s, s, 4, False, True)
+    return out, fake.conv2d_bn_act(x, w, None, *CONV, s, s, "hardswish")
+
+
+def conv_bn_act_forward_with_stats(dtype, layout):
+    x, w = conv_inputs(dtype, layout)
+    b = torch.empty(12, dtype=dtype, device="meta")
+    return (
+        cuda.conv_bn_act_forward(x, w, b, *CONV, None, None, 0, True, True),
+        fake.conv2d_batch_stats(x, w, b, *CONV),
+    )
+
+
+def batch_norm_stats(dtype, layout):
+    c = meta((2, 6, 5, 7), dtype, layout)
+    return cuda.batch_norm_stats(c), fake.batch_norm_stats(c)
+
+
+def batch_norm_act_backward(dtype, layout):
+    c, stats = meta((2, 6, 5, 7), dtype, layout), vector(6)
+    g = meta((2, 6, 5, 7), dtype, "channels_last")
+    weight = vector(6, dtype)
+    return (
+        cuda.batch_norm_act_backward(g, c, stats, stats, weight, weight, 2),
+        fake.batch_norm_act_backward(g, c, stats, stats, weight, weight, "relu6"),
+    )
+
+
+# The C++ op each case exercises.
+CASES = {
+    bn_act_forward: "bn_act_forward",
+    bn_act_backward: "bn_act_backward",
+    depthwise_forward: "depthwise_forward",
+    depthwise_backward_input: "depthwise_backward_input",
+    depthwise_backward_weight: "depthwise_backward_weight",
+    pointwise_forward: "pointwise_forward",
+    conv_bn_act_forward: "conv_bn_act_forward",
+    conv_bn_act_forward_with_stats: "conv_bn_act_forward",
+    batch_norm_stats: "batch_norm_stats",
+    batch_norm_act_backward: "batch_norm_act_backward",
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=lambda case: case.__name__)
+def test_meta_kernel_agrees_with_the_fake(case, dtype, layout):
+    ours, theirs = case(dtype, layout)
+    assert_same_outputs(ours, theirs)
+
+
+def test_every_op_with_a_meta_kernel_has_a_case():
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastconv_cuda::")]
+    with_meta = {n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastconv_cuda::{n}", "Meta")}
+    assert with_meta == set(CASES.values())
+
+
+def test_cuda_backend_is_built_and_waits_for_a_device():
+    status = fastconv.backends.available()["cuda"]
+    assert status.available == torch.cuda.is_available()
+    if not status.available:
+        assert status.reason == "no CUDA device is visible to torch"
