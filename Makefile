@@ -16,13 +16,13 @@ TEST_WORKERS ?= auto
 .PHONY: demo test install build benchmark gpu-check clean
 
 # The venv is rebuilt only when the requirements or the build script change; the extension is
-# rebuilt incrementally (ninja) by `make build`.
+# rebuilt incrementally (ninja) by `make build`. The editable install is of the Python package
+# only: `build` compiles the extension once, in place and incrementally (pip would compile it
+# in a throwaway directory every time). (Comments inside a recipe would be echoed by make.)
 $(INSTALLED): requirements.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -r requirements.txt
-	# Editable install of the Python package only; `build` compiles the extension once, in
-	# place and incrementally (pip would compile it in a throwaway directory every time).
 	FASTCONV_BUILD_CUDA=0 $(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 
