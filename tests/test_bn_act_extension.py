@@ -1,10 +1,6 @@
-"""The extension's bn_act ops (fastconv_cuda::bn_act_forward / bn_act_backward), as far as a
-machine without a GPU can exercise them.
-
-Its ops have CUDA kernels and Meta kernels that run the very same argument checks and output
-allocation, so the checks, the schemas and the output layouts are tested here; the kernels
-themselves run in the GPU tests. With FASTCONV_EXPECT_EXTENSION=1 (CI) a missing extension
-fails these tests instead of skipping them: the build is part of what CI checks.
+"""The extension's bn_act ops (fastconv_cuda::bn_act_forward / bn_act_backward) on the Meta
+device: their checks, schemas and output layouts, which the Meta kernels share with the CUDA
+kernels (test_extension_meta.py says how these files run, or fail, without a GPU).
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """The extension's conv_bn_act op (fastconv_cuda::conv_bn_act_forward, the implicit-GEMM conv
-with its epilogue and batch statistics), as far as a machine without a GPU can exercise it.
-
-Its ops have CUDA kernels and Meta kernels that run the very same argument checks and output
-allocation, so the checks, the schemas and the output layouts are tested here; the kernels
-themselves run in the GPU tests. With FASTCONV_EXPECT_EXTENSION=1 (CI) a missing extension
-fails these tests instead of skipping them: the build is part of what CI checks.
+with its epilogue and batch statistics) on the Meta device: output shapes and layouts for
+groups, dilation and padding, and the checks.
 """
 
 from __future__ import annotations
@@ -50,7 +46,7 @@ def conv_call(x, weight, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), g
     [(torch.channels_last, 8, True), (torch.contiguous_format, 8, False), (torch.channels_last, 1, False)],
     ids=["channels_last", "nchw", "one-channel"],
 )
-def test_conv_forward_output_layout_follows_output_memory_format(memory_format, channels, expect_cl):
+def test_conv_bn_act_forward_output_layout_follows_output_memory_format(memory_format, channels, expect_cl):
     from fastconv._geometry import output_memory_format
 
     x, weight = conv_meta(shape=(2, channels, 11, 13), memory_format=memory_format)
@@ -62,7 +58,7 @@ def test_conv_forward_output_layout_follows_output_memory_format(memory_format, 
     assert mean.shape == var.shape == (12,) and mean.dtype == var.dtype == torch.float32
 
 
-def test_conv_forward_shapes_for_groups_dilation_and_no_stats():
+def test_conv_bn_act_forward_shapes_for_groups_dilation_and_no_stats():
     x, weight = conv_meta(out_channels=6, kernel=(1, 7), groups=2)
     out, mean, var = conv_call(x, weight, padding=(0, 3, 0, 3), dilation=(2, 1), groups=2, compute_stats=False)
     assert out.shape == (2, 6, 11, 13) and mean.shape == var.shape == (0,) and mean.dtype == torch.float32
@@ -100,7 +96,7 @@ def test_conv_forward_shapes_for_groups_dilation_and_no_stats():
          "fp32-no-tf32", "weight-dtype", "stride", "dilation", "padding", "padding-length", "too-small", "bias-dtype",
          "scale-size", "shift-dtype", "activation"],
 )
-def test_conv_forward_checks_name_the_argument(call, pattern):
+def test_conv_bn_act_forward_checks_name_the_argument(call, pattern):
     with pytest.raises(RuntimeError, match=pattern):
         call(*conv_meta())
 

@@ -1,10 +1,5 @@
-"""The extension's depthwise ops (fastconv_cuda::depthwise_*), as far as a machine without a GPU
-can exercise them.
-
-Its ops have CUDA kernels and Meta kernels that run the very same argument checks and output
-allocation, so the checks, the schemas and the output layouts are tested here; the kernels
-themselves run in the GPU tests. With FASTCONV_EXPECT_EXTENSION=1 (CI) a missing extension
-fails these tests instead of skipping them: the build is part of what CI checks.
+"""The extension's depthwise ops (fastconv_cuda::depthwise_*) on the Meta device: output
+layouts and the geometry checks.
 """
 
 from __future__ import annotations

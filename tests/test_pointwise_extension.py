@@ -1,10 +1,5 @@
-"""The extension's pointwise op (fastconv_cuda::pointwise_forward, the tensor-core 1x1 GEMM), as
-far as a machine without a GPU can exercise it.
-
-Its ops have CUDA kernels and Meta kernels that run the very same argument checks and output
-allocation, so the checks, the schemas and the output layouts are tested here; the kernels
-themselves run in the GPU tests. With FASTCONV_EXPECT_EXTENSION=1 (CI) a missing extension
-fails these tests instead of skipping them: the build is part of what CI checks.
+"""The extension's pointwise op (fastconv_cuda::pointwise_forward, the tensor-core 1x1 GEMM) on
+the Meta device: channel slices, transposed weights, every optional vector, and the checks.
 """
 
 from __future__ import annotations
