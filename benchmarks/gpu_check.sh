@@ -37,24 +37,27 @@
 
 set -u
 
-# name cap_seconds, in the order they run. Caps from the stack measured without a GPU:
-# env + build about 170 s on 16 cores (twelve CUDA files for sm_90 only); the smoke and
-# sanitizer subsets are a few dozen small tests each, plus one Triton compile (a few seconds)
-# per smoke geometry; the quick benchmark suites run in tens of seconds without compiles.
+# name cap_seconds, in the order they run; they sum to 535 of the 540, 5 s for the summary.
+# Estimates, none measured on the GPU yet: env + build about 170 s on 16 cores (twelve CUDA
+# files for sm_90 only; a warm rerun about 10 s). smoke: 92 small tests, the Triton half a
+# compile of a second or two per kernel specialisation. memcheck/racecheck: the CUDA half of
+# those under compute-sanitizer, caching allocator off. bench-headline: the quick suites, whose
+# Triton kernels autotune (compile and time every config) on first use of each shape: the
+# longest of the benchmark steps, and --time-budget ends it 30 s early with its outputs.
 PLAN=(
     "env 15"
     "build 170"
     "backends 15"
-    "smoke 45"
-    "memcheck 45"
-    "bench-headline 90"
-    "bench-compile 45"
-    "gpu-tests 60"
-    "racecheck 30"
+    "smoke 60"
+    "memcheck 40"
+    "bench-headline 120"
+    "bench-compile 40"
+    "gpu-tests 25"
+    "racecheck 25"
     "bench-bn_act 25"
 )
 # The step that also gets the seconds the earlier ones left unused (a warm rebuild takes
-# about 10 s of build's 170): the GPU tests, about 400 of them, are the ones a cap cuts short.
+# about 10 s of build's 170): the GPU tests, about 360 of them, are the ones a cap cuts short.
 ELASTIC=gpu-tests
 OUTPUTS=(gpu_check.log junit.xml records.json summary.md speedup.png)
 DEFAULT_BUDGET=540
