@@ -246,17 +246,16 @@ print(\"device:\", torch.cuda.get_device_name(0), torch.cuda.get_device_capabili
 #    Python, an old setuptools), links in this throwaway copy of the tree stand in for the
 #    mapping: the layout the package had before package_dir. Then the CUDA extension for
 #    sm_90 with every core; FASTCONV_BUILD_CUDA=1 makes a failed build an error.
+#    Whether the package then imports is the backends step's question, not this one's: a
+#    broken import must not stop the CUDA build.
 install_and_build() {
-    local check='import fastconv.triton_kernels, fastconv.benchmarks.run'
-    if FASTCONV_BUILD_CUDA=0 "$PY" -m pip install -qq --no-index --no-build-isolation --no-deps -e "$REPO" \
-        && (cd / && PYTHONPATH= "$PY" -c "$check"); then
+    if FASTCONV_BUILD_CUDA=0 "$PY" -m pip install -qq --no-index --no-build-isolation --no-deps -e "$REPO"; then
         echo "build: fastconv installed (editable)"
     else
         echo "build: pip install -e failed (above); linking fastconv/triton_kernels and fastconv/benchmarks instead"
         ln -sfn ../triton_kernels "$REPO/fastconv/triton_kernels"
         ln -sfn ../benchmarks "$REPO/fastconv/benchmarks"
     fi
-    "$PY" -c "$check" || return 1
     env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTCONV_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace
 }
 export REPO PY
