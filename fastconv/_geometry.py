@@ -1,4 +1,7 @@
-"""Convolution arguments as F.conv2d takes them, normalised for the kernels, and checked.
+"""Convolution geometry, the output-layout rule and the accumulate dtype: the bottom layer.
+
+Everything above uses these (the ops, the reference, the Triton kernels' host code), so that a
+rule is written once; this module imports nothing from fastconv but the input checks.
 
 The kernels take stride and dilation as pairs and padding as four numbers, (top, left,
 bottom, right), because padding="same" with an even kernel pads one more at the end than at
@@ -53,8 +56,15 @@ def padding_4(padding: Padding, kernel: tuple[int, int], stride: tuple[int, int]
     return (top, left, top, left)
 
 
+def normalise_geometry(kernel: tuple[int, int], stride: IntOrPair, padding: Padding, dilation: IntOrPair) -> tuple:
+    """(stride, padding as (top, left, bottom, right), dilation) from F.conv2d's forms."""
+    stride_ = positive_pair(stride, "stride")
+    dilation_ = positive_pair(dilation, "dilation")
+    return stride_, padding_4(padding, kernel, stride_, dilation_), dilation_
+
+
 def output_size(
-    size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: Sequence[int], dilation: tuple[int, int]
+    size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
 ) -> tuple[int, int]:
     """(Ho, Wo) of a convolution, for padding given as (top, left, bottom, right)."""
     return tuple(
@@ -72,6 +82,33 @@ def check_kernel_arguments(stride: Sequence[int], padding: Sequence[int], dilati
         fail(f"padding must be four ints >= 0 (top, left, bottom, right); got {list(padding)}")
 
 
+def channels_innermost(t: torch.Tensor) -> bool:
+    """Whether t's channels are adjacent in memory: channels_last, or a channel slice of it.
+
+    The one output-layout rule of every op (and the CUDA side's `layout.h`): an output is
+    channels_last exactly when its input's channels are innermost, so a channels_last network
+    stays channels_last and a DenseNet slice of a channels_last buffer is read in place. A
+    single channel is not "innermost": torch calls such a tensor contiguous in both formats.
+    """
+    return t.shape[1] > 1 and t.stride(1) == 1
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x's channels are innermost (channels_last, or a channel slice of it)."""
-    return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+    """The memory format of an op's output (and of grad_x) for the input x."""
+    return torch.channels_last if channels_innermost(x) else torch.contiguous_format
+
+
+def empty_output(shape: Sequence[int], x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised output of `shape` in the layout `output_memory_format(x)` gives."""
+    return torch.empty(
+        tuple(shape), dtype=dtype or x.dtype, device=x.device, memory_format=output_memory_format(x)
+    )
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every kernel computes and reduces in: float32, or float64 for float64 inputs.
+
+    Half-precision inputs are never accumulated in half (no fp16 overflow in a sum); float64
+    stays float64 so that gradcheck sees exact gradients.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32

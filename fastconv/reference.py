@@ -11,12 +11,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastconv._affine import batch_norm_scale_shift
+from fastconv._geometry import accumulate_dtype
 from fastconv.activations import activation_derivative, apply_activation
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # Half-precision inputs are computed in float32, as the kernels do; float64 stays float64.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulate_dtype(x.dtype)
 
 
 def _per_channel(vector: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,20 +152,6 @@ def batch_norm_stats(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return nan, nan.clone()
     var, mean = torch.var_mean(c.to(dtype), dim=(0, 2, 3), correction=0)
     return mean, var
-
-
-def batch_norm_scale_shift(
-    mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) = (w * invstd, b - mean * scale) in invstd's dtype; w = 1, b = 0 if None.
-
-    A training BatchNorm's forward (bn_act with these) and its backward must both use this, so
-    that z = c * scale + shift is the same number in both and the activation's kinks agree."""
-    dtype = invstd.dtype
-    w = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
-    b = bias.to(dtype) if bias is not None else torch.zeros_like(invstd)
-    scale = w * invstd
-    return scale, b - mean.to(dtype) * scale
 
 
 def batch_norm_act_backward(

@@ -1,6 +1,6 @@
 """The host half of fastconv's fused batch statistics: merging per-program partials.
 
-Kernels that compute BatchNorm statistics (conv_gemm's epilogue, batch_norm.channel_stats)
+Kernels that compute BatchNorm statistics (conv_bn_act's epilogue, batch_norm.channel_stats)
 reduce what each program saw to a count, a mean and M2 (the sum of squared deviations from that
 mean), per channel. Chan et al.'s formula for combining partitions merges them:
 

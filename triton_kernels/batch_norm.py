@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastconv.reference import batch_norm_scale_shift
+from fastconv._affine import batch_norm_scale_shift
+from fastconv._geometry import accumulate_dtype
 from fastconv.triton_kernels._indexing import (
     MAX_GRID_Y,
     needs_64bit_index,
@@ -45,7 +46,7 @@ from fastconv.triton_kernels.bn_act import (
     _ROWS_CONFIGS,
     _SMALLEST_BLOCK_R,
     _SMALLEST_BLOCK_S,
-    _channels_innermost,
+    channels_innermost_all,
     _flags,
     _spatial_offsets,
     _spatial_strides,
@@ -296,8 +297,6 @@ def _planes_grad_input(
 # Host side.
 
 
-def _accumulate_dtype(c: torch.Tensor) -> torch.dtype:
-    return torch.float64 if c.dtype == torch.float64 else torch.float32
 
 
 def channel_stats(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,13 +312,13 @@ def channel_stats(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a fixed order.
     """
     N, C, H, W = c.shape
-    accumulate = _accumulate_dtype(c)
+    accumulate = accumulate_dtype(c.dtype)
     R = N * H * W
     if R == 0 or C == 0:
         nan = torch.full((C,), float("nan"), dtype=accumulate, device=c.device)
         return nan, nan.clone()
     flags = dict(INDEX_64=needs_64bit_index([c], _INDEX_HEADROOM), WIDE=c.dtype == torch.float64)
-    if _channels_innermost([c]):
+    if channels_innermost_all([c]):
         merged, (strides,) = pixel_strides([c])
         split = reduction_split(triton.cdiv(R, _SMALLEST_BLOCK_R), triton.cdiv(C, 64), c.device)
         means = torch.empty(split, C, dtype=accumulate, device=c.device)
@@ -368,7 +367,7 @@ def batch_norm_act_backward(
     """
     grad_c = torch.empty_like(c)
     N, C, H, W = c.shape
-    accumulate = _accumulate_dtype(c)
+    accumulate = accumulate_dtype(c.dtype)
     R = N * H * W
     if c.numel() == 0:
         zeros = torch.zeros(C, dtype=accumulate, device=c.device)
@@ -377,7 +376,7 @@ def batch_norm_act_backward(
     scale, shift = batch_norm_scale_shift(mean, invstd, weight, bias)
     tensors = [grad_y, c, grad_c]
     flags = _flags(c, tensors, activation)
-    rows = _channels_innermost(tensors)
+    rows = channels_innermost_all(tensors)
     if rows:
         merged, strides = pixel_strides(tensors)
         split = reduction_split(triton.cdiv(R, _SMALLEST_BLOCK_R), triton.cdiv(C, 64), c.device)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastconv._geometry import accumulate_dtype, channels_innermost
 from fastconv.triton_kernels._indexing import (
     MAX_GRID_Y,
     merged_stride,
@@ -217,8 +218,9 @@ def _spatial_strides(tensors: list[torch.Tensor]) -> tuple[bool, list[tuple[int,
     return False, [tuple(t.stride()) for t in tensors]
 
 
-def _channels_innermost(tensors: list[torch.Tensor]) -> bool:
-    return tensors[0].shape[1] > 1 and all(t.stride(1) == 1 for t in tensors)
+def channels_innermost_all(tensors: list[torch.Tensor]) -> bool:
+    """The "rows" kernels serve a call when every tensor's channels are innermost."""
+    return all(channels_innermost(t) for t in tensors)
 
 
 def _flags(x: torch.Tensor, tensors: list[torch.Tensor], activation: int) -> dict:
@@ -232,7 +234,7 @@ def bn_act_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ac
         return y
     N, C, H, W = x.shape
     flags = _flags(x, [x, y], activation)
-    if _channels_innermost([x, y]):
+    if channels_innermost_all([x, y]):
         merged, (xs, ys) = pixel_strides([x, y])
         grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))
         _rows_forward[grid](x, y, scale, shift, N * H * W, C, H, W, *xs, *ys, MERGED=merged, **flags)
@@ -249,13 +251,13 @@ def bn_act_backward(
     """(grad_x, grad_scale, grad_shift); the parameter grads in scale's dtype."""
     grad_x = torch.empty_like(x)
     N, C, H, W = x.shape
-    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    accumulate = accumulate_dtype(x.dtype)
     if x.numel() == 0:
         zeros = torch.zeros(C, dtype=scale.dtype, device=x.device)
         return grad_x, zeros, zeros.clone()
     tensors = [grad_y, x, grad_x]
     flags = _flags(x, tensors, activation)
-    if _channels_innermost(tensors):
+    if channels_innermost_all(tensors):
         merged, strides = pixel_strides(tensors)
         R = N * H * W
         split = reduction_split(triton.cdiv(R, _SMALLEST_BLOCK_R), triton.cdiv(C, 64), x.device)

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastconv._conv_args import output_size
+from fastconv._geometry import accumulate_dtype, output_size
 from fastconv.triton_kernels._indexing import needs_64bit_index
 from fastconv.triton_kernels._statistics import merge_partitions, tile_moments
 from fastconv.triton_kernels._tuning import autotune, interpreter_first
@@ -373,10 +373,10 @@ def _check_vector(name: str, t: Optional[torch.Tensor], channels: int) -> None:
     if t is None:
         return
     if tuple(t.shape) != (channels,) or not t.is_contiguous():
-        raise ValueError(f"conv_gemm: {name} must be a contiguous ({channels},) vector; got {tuple(t.shape)}")
+        raise ValueError(f"fastconv: {name} must be a contiguous ({channels},) vector; got {tuple(t.shape)}")
 
 
-def conv_gemm(
+def conv_bn_act_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     out: torch.Tensor,
@@ -407,16 +407,16 @@ def conv_gemm(
     N, C, H, W = x.shape
     C_out, C_g, KH, KW = weight.shape
     if groups < 1 or C_g * groups != C or C_out % groups != 0:
-        raise ValueError(f"conv_gemm: weight {tuple(weight.shape)} does not fit {C} input channels in {groups} groups")
+        raise ValueError(f"fastconv: weight {tuple(weight.shape)} does not fit {C} input channels in {groups} groups")
     Ho, Wo = output_size((H, W), (KH, KW), stride, padding, dilation)
     if tuple(out.shape) != (N, C_out, Ho, Wo):
-        raise ValueError(f"conv_gemm: out has shape {tuple(out.shape)}, expected {(N, C_out, Ho, Wo)}")
+        raise ValueError(f"fastconv: out has shape {tuple(out.shape)}, expected {(N, C_out, Ho, Wo)}")
     if weight.dtype != x.dtype or out.dtype != x.dtype:
-        raise ValueError(f"conv_gemm: x, weight and out must share a dtype; got {x.dtype}, {weight.dtype}, {out.dtype}")
+        raise ValueError(f"fastconv: x, weight and out must share a dtype; got {x.dtype}, {weight.dtype}, {out.dtype}")
     for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
         _check_vector(name, t, C_out)
     wide = x.dtype == torch.float64
-    stat_dtype = torch.float64 if wide else torch.float32
+    stat_dtype = accumulate_dtype(x.dtype)
     M = N * Ho * Wo
     if M == 0 or C_out == 0:
         if not compute_stats:

@@ -1,6 +1,6 @@
 """Drop-in nn.Modules built on the fastconv ops; state_dicts match their torch.nn originals."""
 
-from fastconv.nn.batchnorm_act import BatchNormAct2d, SyncBatchNormAct2d, convert_sync_batchnorm
+from fastconv.nn.batch_norm import BatchNormAct2d, SyncBatchNormAct2d, convert_sync_batchnorm
 from fastconv.nn.conv_bn_act import ConvBNAct2d, convert_conv_bn_act
 from fastconv.nn.depthwise import DepthwiseConv2d, convert_depthwise
 from fastconv.nn.pointwise import PointwiseConv2d, convert_pointwise

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastconv._conv_args import output_memory_format
+from fastconv._geometry import output_memory_format
 
 
 def in_layout(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
