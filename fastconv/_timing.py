@@ -15,12 +15,12 @@ import torch
 TIMED_CALLS = 5
 
 
-def time_candidates(functions: dict[str, Callable], args: tuple) -> dict[str, float]:
+def time_candidates(functions: dict[str, Callable], arguments: dict) -> dict[str, float]:
     """Median milliseconds of each candidate that runs; candidates that raise are left out."""
     timings: dict[str, float] = {}
     for name, function in functions.items():
         try:
-            function(*args)  # warm-up: compilation, autotuning, variant choice
+            function(**arguments)  # warm-up: compilation, autotuning, variant choice
         except Exception:
             continue
         samples = []
@@ -28,7 +28,7 @@ def time_candidates(functions: dict[str, Callable], args: tuple) -> dict[str, fl
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            function(*args)
+            function(**arguments)
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end))

@@ -28,7 +28,7 @@ def check_rank(tensor: torch.Tensor, name: str, rank: int, layout: str) -> None:
 def check_float_dtype(tensor: torch.Tensor, name: str) -> None:
     if tensor.dtype not in REFERENCE_DTYPES:
         allowed = ", ".join(str(d) for d in FLOAT_DTYPES)
-        fail(f"{name} must have a floating dtype ({allowed}); got {tensor.dtype}")
+        fail(f"{name} must have a floating dtype ({allowed}; float64 on the torch and triton backends); got {tensor.dtype}")
 
 
 def check_same_device(name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:

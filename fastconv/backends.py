@@ -81,6 +81,17 @@ def available() -> dict[str, BackendStatus]:
     return {name: _status(name) for name in BACKENDS}
 
 
+def report() -> str:
+    """`available()` as a table for people: `print(fastconv.backends.report())`."""
+    statuses = available()
+    width = max(len("backend"), *(len(name) for name in statuses))
+    lines = [f"{'backend':<{width}}  available  why not", f"{'-' * width}  ---------  -------"]
+    for name, status in statuses.items():
+        lines.append(f"{name:<{width}}  {'yes' if status.available else 'no':<9}  {status.reason}".rstrip())
+    lines.append(f"in force: {get_backend()} (set_backend, use_backend or ${ENV_VAR})")
+    return "\n".join(lines)
+
+
 def _validated(name: str, source: str) -> str:
     if name not in CHOICES:
         raise ValueError(f"fastconv: {source} must be one of {', '.join(CHOICES)}; got {name!r}")
@@ -117,7 +128,8 @@ def use_backend(name: str) -> Iterator[None]:
         _scoped_backend.reset(token)
 
 
-# An implementation's own restriction: returns why it cannot run this call, or None.
+# An implementation's own restriction: called with the call's arguments by keyword, it
+# returns why it cannot run this call, or None.
 Supports = Callable[..., Optional[str]]
 
 
@@ -132,8 +144,16 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def _always(**arguments) -> Optional[str]:
+    return None
+
+
 class OpImplementations:
-    """The implementations of one op, one per backend, and the choice among them."""
+    """The implementations of one op, one per backend, and the choice among them.
+
+    Every implementation and every `supports` check takes the call's arguments by keyword, so
+    a check names what it reads (`refuse_float64("x")`) instead of guessing positions.
+    """
 
     def __init__(self, op_name: str) -> None:
         self.op_name = op_name
@@ -145,53 +165,57 @@ class OpImplementations:
     def register(self, backend: str, function: Callable, supports: Optional[Supports] = None) -> None:
         assert backend in BACKENDS, backend
         self._functions[backend] = function
-        self._supports[backend] = supports or (lambda *args: None)
+        self._supports[backend] = supports or _always
 
     def has(self, backend: str) -> bool:
         return backend in self._functions
 
-    def why_not(self, backend: str, device: torch.device, *args) -> Optional[str]:
+    def why_not(self, backend: str, device: torch.device, **arguments) -> Optional[str]:
         """Why `backend` cannot run this call, or None when it can."""
         if backend not in self._functions:
             return f"{self.op_name} has no {backend} implementation"
-        return _device_reason(backend, device) or self._supports[backend](*args)
+        return _device_reason(backend, device) or self._supports[backend](**arguments)
 
-    def __call__(self, device: torch.device, key: Hashable, *args):
+    def run(self, backend: str, device: torch.device, **arguments):
+        """Run the op on `backend`, or raise saying why it cannot."""
+        why = self.why_not(backend, device, **arguments)
+        if why is not None:
+            raise RuntimeError(f"fastconv: backend {backend!r} cannot run {self.op_name}: {why}")
+        return self._functions[backend](**arguments)
+
+    def __call__(self, device: torch.device, key: Hashable, **arguments):
         """Run the op on the backend in force."""
         requested = get_backend()
         if requested != "auto":
-            why = self.why_not(requested, device, *args)
-            if why is not None:
-                raise RuntimeError(f"fastconv: backend {requested!r} cannot run {self.op_name}: {why}")
-            return self._functions[requested](*args)
-        return self._run_auto(device, key, args)
+            return self.run(requested, device, **arguments)
+        return self._run_auto(device, key, arguments)
 
-    def _run_auto(self, device: torch.device, key: Hashable, args: tuple):
-        candidates = [name for name in BACKENDS if self.why_not(name, device, *args) is None]
+    def _run_auto(self, device: torch.device, key: Hashable, arguments: dict):
+        candidates = [name for name in BACKENDS if self.why_not(name, device, **arguments) is None]
         if device.type != "cuda":
             # On the CPU only the reference is fast: the Triton interpreter is a test vehicle.
             candidates = ["torch"]
         cached = self._auto_choice.get(key)
         if cached in candidates:
-            return self._functions[cached](*args)
+            return self._functions[cached](**arguments)
         if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
             # Timing is impossible inside a CUDA graph capture: use the fallback order.
-            return self._run_first_that_works(candidates, args)
+            return self._run_first_that_works(candidates, arguments)
         from fastconv._timing import time_candidates
 
-        timings = time_candidates({name: self._functions[name] for name in candidates}, args)
+        timings = time_candidates({name: self._functions[name] for name in candidates}, arguments)
         winner = min(timings, key=timings.get) if timings else candidates[-1]
         with self._lock:
             self._auto_choice[key] = winner
-        return self._functions[winner](*args)
+        return self._functions[winner](**arguments)
 
-    def _run_first_that_works(self, candidates: list[str], args: tuple):
+    def _run_first_that_works(self, candidates: list[str], arguments: dict):
         for name in candidates[:-1]:
             try:
-                return self._functions[name](*args)
+                return self._functions[name](**arguments)
             except Exception:  # auto falls back quietly; an explicit request would have raised
                 continue
-        return self._functions[candidates[-1]](*args)
+        return self._functions[candidates[-1]](**arguments)
 
     def auto_choices(self) -> dict[Hashable, str]:
         """What `auto` has picked so far, per call key (for benchmarks and debugging)."""

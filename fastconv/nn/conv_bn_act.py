@@ -25,11 +25,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fastconv._conv_args import positive_pair
+from fastconv._geometry import accumulate_dtype, normalise_geometry, positive_pair
 from fastconv._validation import fail
 from fastconv.activations import activation_code
 from fastconv.nn._fold_cache import DerivedTensorCache
-from fastconv.ops.conv_bn_act import autocast_inputs, normalise_geometry, routed_conv2d_bn_act
+from fastconv.ops._common import autocast_inputs
+from fastconv.ops.conv_bn_act import routed_conv2d_bn_act
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 _ACTIVATION_NAMES = {module: name for name, module in _ACTIVATION_MODULES.items()}
@@ -144,7 +145,7 @@ class ConvBNAct2d(nn.Sequential):
             return nn.Sequential.forward(self, x)
         if conv.padding_mode != "zeros":
             fail(f"the conv's padding_mode must be 'zeros'; got {conv.padding_mode!r}")
-        stride, padding, dilation = normalise_geometry(conv.weight, conv.stride, conv.padding, conv.dilation)
+        stride, padding, dilation = normalise_geometry(tuple(conv.weight.shape[2:]), conv.stride, conv.padding, conv.dilation)
         # BatchNorm2d's rule: batch statistics in training, and whenever there are no running ones.
         if bn.training or bn.running_mean is None or bn.running_var is None:
             return self._forward_batch_stats(x, stride, padding, dilation)
@@ -188,7 +189,7 @@ class ConvBNAct2d(nn.Sequential):
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         conv, bn = self[0], self[1]
-        wide = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        wide = accumulate_dtype(conv.weight.dtype)
         scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.to(wide)

@@ -25,24 +25,20 @@ from typing import Optional
 import torch
 
 from fastconv import reference
-from fastconv._validation import check_channel_vector, check_float_dtype, check_rank, check_same_device, check_shape, fail
+from fastconv._affine import batch_norm_scale_shift
+from fastconv._geometry import accumulate_dtype
+from fastconv._validation import check_channel_vector, check_same_device, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
-
-_LAYOUT = "(N, C, H, W)"
+from fastconv.ops._common import call_key, check_activation_input, contiguous_vectors, refuse_float64
 
 
 def _wide(c: torch.Tensor) -> torch.dtype:
-    return torch.float64 if c.dtype == torch.float64 else torch.float32
-
-
-def _check_c(c: torch.Tensor) -> None:
-    check_rank(c, "c", 4, _LAYOUT)
-    check_float_dtype(c, "c")
+    return accumulate_dtype(c.dtype)
 
 
 def _check(c, mean, invstd, weight, bias, activation) -> None:
-    _check_c(c)
+    check_activation_input(c, "c")
     channels = c.shape[1]
     for name, stats in (("mean", mean), ("invstd", invstd)):
         check_same_device(name, stats, "c", c)
@@ -54,61 +50,50 @@ def _check(c, mean, invstd, weight, bias, activation) -> None:
     activation_code(activation)
 
 
-def _call_key(c: torch.Tensor, *rest) -> tuple:
-    return (tuple(c.shape), c.stride(), c.dtype, c.device) + tuple(r.dtype if isinstance(r, torch.Tensor) else r for r in rest)
-
-
 # Backend implementations --------------------------------------------------------------------
 
 
-def _stats_torch(c):
+def _stats_torch(*, c):
     mean, var = reference.batch_norm_stats(c)
     return mean.to(_wide(c)), var.to(_wide(c))
 
 
-def _stats_triton(c):
+def _stats_triton(*, c):
     from fastconv.triton_kernels.batch_norm import channel_stats
 
     return channel_stats(c)
 
 
-def _backward_torch(grad_y, c, mean, invstd, weight, bias, activation):
+def _stats_cuda(*, c):
+    return tuple(torch.ops.fastconv_cuda.batch_norm_stats(c))
+
+
+def _backward_torch(*, grad_y, c, mean, invstd, weight, bias, activation):
     grad_c, grad_weight, grad_bias = reference.batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, activation)
     like_c = torch.empty_like(c)
     grad_c = grad_c if grad_c.stride() == like_c.stride() else like_c.copy_(grad_c)
     return grad_c, grad_weight.to(_wide(c)), grad_bias.to(_wide(c))
 
 
-def _backward_triton(grad_y, c, mean, invstd, weight, bias, activation):
+def _backward_triton(*, grad_y, c, mean, invstd, weight, bias, activation):
     from fastconv.triton_kernels.batch_norm import batch_norm_act_backward
 
-    weight, bias = (v.contiguous() if v is not None else None for v in (weight, bias))
-    return batch_norm_act_backward(grad_y, c, mean.contiguous(), invstd.contiguous(), weight, bias, activation_code(activation))
+    weight, bias, mean, invstd = contiguous_vectors(weight, bias, mean, invstd)
+    return batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, activation_code(activation))
 
 
-def _cuda_supports(*args) -> Optional[str]:
-    c = args[1] if len(args) == 7 else args[0]  # the backward's calls lead with grad_y
-    if c.dtype == torch.float64:
-        return "its kernels take float32, float16 and bfloat16; got float64"
-    return None
-
-
-def _stats_cuda(c):
-    return tuple(torch.ops.fastconv_cuda.batch_norm_stats(c))
-
-
-def _backward_cuda(grad_y, c, mean, invstd, weight, bias, activation):
+def _backward_cuda(*, grad_y, c, mean, invstd, weight, bias, activation):
     code = activation_code(activation)
     return tuple(torch.ops.fastconv_cuda.batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, code))
 
 
 STATS = OpImplementations("batch_norm_stats")
-STATS.register("cuda", _stats_cuda, _cuda_supports)
+STATS.register("cuda", _stats_cuda, refuse_float64("c"))
 STATS.register("triton", _stats_triton)
 STATS.register("torch", _stats_torch)
 
 BACKWARD = OpImplementations("batch_norm_act_backward")
-BACKWARD.register("cuda", _backward_cuda, _cuda_supports)
+BACKWARD.register("cuda", _backward_cuda, refuse_float64("c"))
 BACKWARD.register("triton", _backward_triton)
 BACKWARD.register("torch", _backward_torch)
 
@@ -120,16 +105,16 @@ BACKWARD.register("torch", _backward_torch)
 def batch_norm_stats_op(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of c over (N, H, W), in float32 (float64 for
     float64 c); deterministic, and stable when |mean| >> std. NaN for an empty batch."""
-    _check_c(c)
+    check_activation_input(c, "c")
     if c.shape[0] * c.shape[2] * c.shape[3] == 0:
         nan = torch.full((c.shape[1],), float("nan"), dtype=_wide(c), device=c.device)
         return nan, nan.clone()
-    return STATS(c.device, _call_key(c), c)
+    return STATS(c.device, call_key(c), c=c)
 
 
 @batch_norm_stats_op.register_fake
 def _(c):
-    _check_c(c)
+    check_activation_input(c, "c")
     return c.new_empty(c.shape[1], dtype=_wide(c)), c.new_empty(c.shape[1], dtype=_wide(c))
 
 
@@ -143,7 +128,7 @@ def batch_norm_act_op(
     activation: Optional[str],
 ) -> torch.Tensor:
     _check(c, mean, invstd, weight, bias, activation)
-    scale, shift = reference.batch_norm_scale_shift(mean, invstd, weight, bias)
+    scale, shift = batch_norm_scale_shift(mean, invstd, weight, bias)
     if c.dtype != torch.float64:
         scale, shift = scale.float(), shift.float()
     return torch.ops.fastconv.bn_act(c, scale, shift, activation)
@@ -174,8 +159,10 @@ def batch_norm_act_backward_op(
     if c.numel() == 0:
         zeros = torch.zeros(c.shape[1], dtype=_wide(c), device=c.device)
         return torch.empty_like(c), zeros, zeros.clone()
-    args = (grad_y, c, mean, invstd, weight, bias, activation)
-    return BACKWARD(c.device, _call_key(c, grad_y.stride(), weight, bias, activation), *args)
+    return BACKWARD(
+        c.device, call_key(grad_y, c, weight, bias, activation),
+        grad_y=grad_y, c=c, mean=mean, invstd=invstd, weight=weight, bias=bias, activation=activation,
+    )  # fmt: skip
 
 
 @batch_norm_act_backward_op.register_fake

@@ -13,90 +13,71 @@ from typing import Optional
 import torch
 
 from fastconv import reference
-from fastconv._validation import (
-    check_channel_vector,
-    check_float_dtype,
-    check_rank,
-    check_same_device,
-    check_same_dtype,
-    check_shape,
-    fail,
-)
+from fastconv._validation import check_channel_vector, check_same_dtype, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
-
-_LAYOUT = "(N, C, H, W)"
+from fastconv.ops._common import call_key, check_activation_input, check_like, refuse_float64
 
 
 def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: Optional[str]) -> None:
-    check_rank(x, "x", 4, _LAYOUT)
-    check_float_dtype(x, "x")
+    check_activation_input(x)
     channels = x.shape[1]
-    check_channel_vector(scale, "scale", channels, x)
-    check_channel_vector(shift, "shift", channels, x)
+    for name, vector in (("scale", scale), ("shift", shift)):
+        if not isinstance(vector, torch.Tensor):
+            fail(f"{name} must be a ({channels},) tensor; got {type(vector).__name__}")
+        check_channel_vector(vector, name, channels, x)
     check_same_dtype("shift", shift, "scale", scale)
     activation_code(activation)
 
 
 def _check_grad(grad_y: torch.Tensor, x: torch.Tensor) -> None:
-    check_same_device("grad_y", grad_y, "x", x)
+    check_like("grad_y", grad_y, x)
     check_shape(grad_y, "grad_y", x.shape)
-    check_same_dtype("grad_y", grad_y, "x", x)
 
 
-def _call_key(x: torch.Tensor, scale: torch.Tensor, activation: Optional[str]) -> tuple:
-    """What `auto` caches its choice by: shape, layout, dtypes, activation and device."""
-    return (tuple(x.shape), x.stride(), x.dtype, scale.dtype, activation, x.device)
+def _like_x(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The reference's result in the kernels' output layout (torch.empty_like's rule), so that
+    the backends agree on strides."""
+    like_x = torch.empty_like(x)
+    return result if result.stride() == like_x.stride() else like_x.copy_(result)
 
 
-def _cuda_supports(*args) -> Optional[str]:
-    x = args[1] if len(args) == 5 else args[0]  # backward calls lead with grad_y
-    if x.dtype == torch.float64:
-        return "its kernels take float32, float16 and bfloat16; got float64"
-    return None
-
-
-def _cuda_forward(x, scale, shift, activation):
+def _cuda_forward(*, x, scale, shift, activation):
     return torch.ops.fastconv_cuda.bn_act_forward(x, scale, shift, activation_code(activation))
 
 
-def _cuda_backward(grad_y, x, scale, shift, activation):
+def _cuda_backward(*, grad_y, x, scale, shift, activation):
     return tuple(torch.ops.fastconv_cuda.bn_act_backward(grad_y, x, scale, shift, activation_code(activation)))
 
 
-def _triton_forward(x, scale, shift, activation):
+def _triton_forward(*, x, scale, shift, activation):
     from fastconv.triton_kernels import bn_act as kernels
 
     return kernels.bn_act_forward(x, scale, shift, activation_code(activation))
 
 
-def _triton_backward(grad_y, x, scale, shift, activation):
+def _triton_backward(*, grad_y, x, scale, shift, activation):
     from fastconv.triton_kernels import bn_act as kernels
 
     return kernels.bn_act_backward(grad_y, x, scale, shift, activation_code(activation))
 
 
-def _torch_forward(x, scale, shift, activation):
-    y = reference.bn_act(x, scale, shift, activation)
-    # Keep the kernels' output layout (torch.empty_like's rule), so that the backends agree.
-    like_x = torch.empty_like(x)
-    return y if y.stride() == like_x.stride() else like_x.copy_(y)
+def _torch_forward(*, x, scale, shift, activation):
+    return _like_x(reference.bn_act(x, scale, shift, activation), x)
 
 
-def _torch_backward(grad_y, x, scale, shift, activation):
+def _torch_backward(*, grad_y, x, scale, shift, activation):
     grad_x, grad_scale, grad_shift = reference.bn_act_backward(grad_y, x, scale, shift, activation)
-    like_x = torch.empty_like(x)
-    grad_x = grad_x if grad_x.stride() == like_x.stride() else like_x.copy_(grad_x)
-    return grad_x, grad_scale, grad_shift
+    return _like_x(grad_x, x), grad_scale, grad_shift
 
 
 FORWARD = OpImplementations("bn_act")
-FORWARD.register("cuda", _cuda_forward, _cuda_supports)
+FORWARD.register("cuda", _cuda_forward, refuse_float64("x"))
 FORWARD.register("triton", _triton_forward)
 FORWARD.register("torch", _torch_forward)
 
 BACKWARD = OpImplementations("bn_act_backward")
-BACKWARD.register("cuda", _cuda_backward, _cuda_supports)
+BACKWARD.register("cuda", _cuda_backward, refuse_float64("x"))
 BACKWARD.register("triton", _triton_backward)
 BACKWARD.register("torch", _torch_backward)
 
@@ -104,7 +85,8 @@ BACKWARD.register("torch", _torch_backward)
 @torch.library.custom_op("fastconv::bn_act", mutates_args=())
 def bn_act_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
     _check_inputs(x, scale, shift, activation)
-    return FORWARD(x.device, _call_key(x, scale, activation), x, scale, shift, activation)
+    key = call_key(x, scale, shift, activation)
+    return FORWARD(x.device, key, x=x, scale=scale, shift=shift, activation=activation)
 
 
 @bn_act_op.register_fake
@@ -119,7 +101,8 @@ def bn_act_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_inputs(x, scale, shift, activation)
     _check_grad(grad_y, x)
-    return BACKWARD(x.device, _call_key(x, scale, activation), grad_y, x, scale, shift, activation)
+    key = call_key(grad_y, x, scale, shift, activation)
+    return BACKWARD(x.device, key, grad_y=grad_y, x=x, scale=scale, shift=shift, activation=activation)
 
 
 @bn_act_backward_op.register_fake

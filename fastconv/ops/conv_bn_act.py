@@ -29,38 +29,34 @@ from typing import Optional, Sequence
 import torch
 
 from fastconv import reference
-from fastconv._conv_args import (
-    check_kernel_arguments,
-    output_memory_format,
-    output_size,
-    padding_4,
-    positive_pair,
-)
-from fastconv._validation import (
-    check_channel_vector,
-    check_float_dtype,
-    check_rank,
-    check_same_device,
-    check_same_dtype,
-    check_shape,
-    fail,
-)
-from fastconv.activations import activation_code
+from fastconv._geometry import accumulate_dtype, empty_output, normalise_geometry, output_size
+from fastconv._validation import fail
 from fastconv.backends import OpImplementations, get_backend, use_backend
-from fastconv.ops._conv_common import call_key, convolution_backward, epilogue_backward, has_epilogue, in_layout
-
-_LAYOUT = "(N, C, H, W)"
-
+from fastconv.activations import activation_code
+from fastconv.ops import depthwise as depthwise_ops
+from fastconv.ops import pointwise as pointwise_ops
+from fastconv.ops._common import (
+    allow_tf32,
+    autocast_inputs,
+    call_key,
+    check_activation_input,
+    check_bias,
+    check_epilogue,
+    check_like,
+    contiguous_vectors,
+    conv_output_size,
+    refuse_float64_and_fp32_without_tf32,
+    tensors_only,
+)
+from fastconv.ops._conv_common import convolution_backward, epilogue_backward, has_epilogue, in_layout
 
 # Checks ---------------------------------------------------------------------------------------
 
 
 def _check_conv(x, weight, bias, stride, padding, dilation, groups) -> tuple[int, int]:
     """Checks x, weight, bias and the geometry; returns the output size (Ho, Wo)."""
-    check_rank(x, "x", 4, _LAYOUT)
-    check_float_dtype(x, "x")
-    check_same_device("weight", weight, "x", x)
-    check_same_dtype("weight", weight, "x", x)
+    check_activation_input(x)
+    check_like("weight", weight, x)
     if weight.dim() != 4:
         fail(f"weight must have shape (C_out, C_in / groups, kh, kw); got {tuple(weight.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -75,125 +71,103 @@ def _check_conv(x, weight, bias, stride, padding, dilation, groups) -> tuple[int
             f"weight.shape[1] must be in_channels / groups = {in_channels} / {groups} = {in_channels // groups}; "
             f"got {weight.shape[1]}"
         )
-    if min(weight.shape[2:]) < 1:
-        fail(f"weight's kernel size must be >= 1; got {tuple(weight.shape[2:])}")
-    check_kernel_arguments(stride, padding, dilation)
-    height, width = output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
-    if height < 1 or width < 1:
-        fail(
-            f"the output size must be >= 1; got ({height}, {width}) for input {tuple(x.shape[2:])}, kernel "
-            f"{tuple(weight.shape[2:])}, stride {tuple(stride)}, padding {tuple(padding)}, dilation {tuple(dilation)}"
-        )
-    if bias is not None:
-        check_same_device("bias", bias, "x", x)
-        check_same_dtype("bias", bias, "x", x)
-        check_shape(bias, "bias", (out_channels,))
-    return height, width
+    size = conv_output_size(x, weight, stride, padding, dilation)
+    check_bias(bias, out_channels, x)
+    return size
 
 
 def _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation) -> tuple[int, int]:
     size = _check_conv(x, weight, bias, stride, padding, dilation, groups)
-    for name, vector in (("scale", scale), ("shift", shift)):
-        check_channel_vector(vector, name, weight.shape[0], x, per="output channel")
-    activation_code(activation)
+    check_epilogue(scale, shift, activation, weight.shape[0], x)
     return size
 
 
 def _new_output(x, weight, size) -> torch.Tensor:
-    shape = (x.shape[0], weight.shape[0], *size)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    return empty_output((x.shape[0], weight.shape[0], *size), x)
 
 
 def _stats_like(x, weight) -> torch.Tensor:
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty(weight.shape[0], dtype=wide, device=x.device)
-
-
-def _allow_tf32() -> bool:
-    return torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return torch.empty(weight.shape[0], dtype=accumulate_dtype(x.dtype), device=x.device)
 
 
 # Backend implementations ------------------------------------------------------------------------
 
-
-def _cuda_supports(x, *rest) -> Optional[str]:
-    if x.dtype == torch.float64:
-        return "its kernels take float32, float16 and bfloat16; got float64"
-    if x.dtype == torch.float32 and not _allow_tf32():
-        return "its float32 path runs on TF32 tensor cores, and TF32 is not allowed (torch.backends.*.allow_tf32)"
-    return None
+_CONV = ("x", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-def _forward_cuda(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
-    out, _, _ = torch.ops.fastconv_cuda.conv_forward(
+def _forward_cuda(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    out, _, _ = torch.ops.fastconv_cuda.conv_bn_act_forward(
         x, weight, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), False,
-        _allow_tf32(),
+        allow_tf32(),
     )  # fmt: skip
     return out
 
 
-def _forward_triton(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
-    from fastconv.triton_kernels.conv_gemm import conv_gemm
+def _forward_triton(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
 
     out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
-    vectors = [v.contiguous() if v is not None else None for v in (bias, scale, shift)]
-    out, _, _ = conv_gemm(
-        x, weight, out, vectors[0], stride, padding, dilation, groups, vectors[1], vectors[2],
-        activation_code(activation), False, _allow_tf32(),
+    bias, scale, shift = contiguous_vectors(bias, scale, shift)
+    out, _, _ = conv_bn_act_forward(
+        x, weight, out, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), False,
+        allow_tf32(),
     )  # fmt: skip
     return out
 
 
-def _forward_torch(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+def _forward_torch(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
     return in_layout(reference.conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation), x)
 
 
-def _stats_cuda(x, weight, bias, stride, padding, dilation, groups):
-    """The implicit GEMM with its statistics epilogue; on the depthwise and pointwise routes
-    their own kernels, then one statistics pass over c (those CUDA kernels have no statistics
-    epilogue yet, and a depthwise conv as a GEMM of K = kh*kw would waste the tensor cores)."""
-    cuda = torch.ops.fastconv_cuda
-    kind = route(x.shape[1], weight.shape, stride, padding, groups)
-    if kind == "gemm":
-        return tuple(cuda.conv_forward(x, weight, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32()))
-    if kind == "depthwise":
-        c = cuda.depthwise_forward(x, weight, bias, stride, padding, dilation, None, None, 0)
-    else:
-        c = _new_output(x, weight, tuple(x.shape[2:]))
-        cuda.pointwise_forward(x, weight[:, :, 0, 0], bias, None, None, 0, None, False, None, None, 0, _allow_tf32(), c)
-    mean, var = cuda.batch_norm_stats(c)
-    return c, mean, var
+def _gemm_stats_cuda(*, x, weight, bias, stride, padding, dilation, groups):
+    return tuple(torch.ops.fastconv_cuda.conv_bn_act_forward(
+        x, weight, bias, stride, padding, dilation, groups, None, None, 0, True, allow_tf32()
+    ))  # fmt: skip
 
 
-def _stats_triton(x, weight, bias, stride, padding, dilation, groups):
-    """Each route's kernel with its statistics epilogue: no separate pass over c."""
-    from fastconv.triton_kernels import conv_gemm, depthwise, pointwise
+def _gemm_stats_triton(*, x, weight, bias, stride, padding, dilation, groups):
+    from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
 
-    bias = bias.contiguous() if bias is not None else None
-    kind = route(x.shape[1], weight.shape, stride, padding, groups)
-    if kind == "depthwise":
-        return depthwise.depthwise_forward_with_stats(x, weight, bias, stride, padding, dilation)
     out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
-    if kind == "pointwise":
-        return pointwise.pointwise_gemm_with_stats(x, weight[:, :, 0, 0], out, bias, _allow_tf32())
-    return conv_gemm.conv_gemm(x, weight, out, bias, stride, padding, dilation, groups, None, None, 0, True, _allow_tf32())
+    (bias,) = contiguous_vectors(bias)
+    return conv_bn_act_forward(x, weight, out, bias, stride, padding, dilation, groups, None, None, 0, True, allow_tf32())
 
 
-def _stats_torch(x, weight, bias, stride, padding, dilation, groups):
-    c = _forward_torch(x, weight, bias, stride, padding, dilation, groups, None, None, None)
+def _gemm_stats_torch(*, x, weight, bias, stride, padding, dilation, groups):
+    c = _forward_torch(
+        x=x, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation, groups=groups, scale=None,
+        shift=None, activation=None,
+    )  # fmt: skip
     mean, var = reference.batch_norm_stats(c)
     return c, mean, var
 
 
+def _routed_stats(backend: str, gemm_stats):
+    """conv2d_batch_stats on `backend`: each route's own kernel with its statistics, through
+    the depthwise and pointwise families' op-level helpers."""
+
+    def run(*, x, weight, bias, stride, padding, dilation, groups):
+        kind = route(x.shape[1], weight.shape, stride, padding, groups)
+        if kind == "depthwise":
+            return depthwise_ops.forward_with_stats(
+                backend, x=x, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation
+            )
+        if kind == "pointwise":
+            return pointwise_ops.forward_with_stats(backend, x=x, weight=weight, bias=bias)
+        return gemm_stats(x=x, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    return run
+
+
 FORWARD = OpImplementations("conv2d_bn_act")
-FORWARD.register("cuda", _forward_cuda, _cuda_supports)
+FORWARD.register("cuda", _forward_cuda, refuse_float64_and_fp32_without_tf32("x"))
 FORWARD.register("triton", _forward_triton)
 FORWARD.register("torch", _forward_torch)
 
 WITH_STATS = OpImplementations("conv2d_batch_stats")
-WITH_STATS.register("cuda", _stats_cuda, _cuda_supports)
-WITH_STATS.register("triton", _stats_triton)
-WITH_STATS.register("torch", _stats_torch)
+WITH_STATS.register("cuda", _routed_stats("cuda", _gemm_stats_cuda), refuse_float64_and_fp32_without_tf32("x"))
+WITH_STATS.register("triton", _routed_stats("triton", _gemm_stats_triton))
+WITH_STATS.register("torch", _routed_stats("torch", _gemm_stats_torch))
 
 
 # Registered ops --------------------------------------------------------------------------------
@@ -214,10 +188,10 @@ def conv2d_bn_act_op(
 ) -> torch.Tensor:
     """The implicit-GEMM convolution with its epilogue; padding is (top, left, bottom, right)."""
     args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, scale, shift, activation)
-    _check_forward(*args)
+    size = _check_forward(*args)
     if x.shape[0] == 0:
-        return _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), *args[3:6]))
-    return FORWARD(x.device, call_key(*args), *args)
+        return _new_output(x, weight, size)
+    return FORWARD(x.device, call_key(*args), **dict(zip(_CONV + ("scale", "shift", "activation"), args)))
 
 
 @conv2d_bn_act_op.register_fake
@@ -243,7 +217,7 @@ def conv2d_batch_stats_op(
     if x.shape[0] == 0:
         nan = _stats_like(x, weight).fill_(float("nan"))  # torch.var_mean's answer for no values
         return _new_output(x, weight, size), nan, nan.clone()
-    return WITH_STATS(x.device, call_key(*args), *args)
+    return WITH_STATS(x.device, call_key(*args), **dict(zip(_CONV, args)))
 
 
 @conv2d_batch_stats_op.register_fake
@@ -265,7 +239,7 @@ def _setup_forward(ctx, inputs, output) -> None:
 
 def _conv_grads(ctx, grad_c, x, weight, bias, needs) -> tuple:
     """(grad_x, grad_weight, grad_bias) of the plain convolution, on the route's own backward:
-    fastconv's depthwise kernels (cuDNN's depthwise backward is the known slow one, PERF.md),
+    fastconv's depthwise kernels (cuDNN's depthwise backward is the known slow one, benchmarks/FLOORS.md),
     the pointwise GEMMs, or ATen's convolution_backward (cuDNN) for the implicit GEMM."""
     stride, padding, dilation, groups = ctx.geometry
     ops = torch.ops.fastconv
@@ -278,9 +252,9 @@ def _conv_grads(ctx, grad_c, x, weight, bias, needs) -> tuple:
             grad_weight, grad_bias = ops.depthwise_conv2d_backward_weight(grad_c, x, weight, stride, padding, dilation)
     elif kind == "pointwise":
         if needs[0]:
-            grad_x = ops.pointwise_conv2d(grad_c, weight.transpose(0, 1), None, None, None, None, None, False, None, None, None)
+            grad_x = ops.pointwise_conv2d(grad_c, weight.transpose(0, 1))
         if needs[1]:
-            grad_weight = ops.pointwise_conv2d_backward_weight(grad_c, x, None, None, None)
+            grad_weight = ops.pointwise_conv2d_backward_weight(grad_c, x, in_scale=None, in_shift=None, in_activation=None)
             grad_weight = grad_weight.to(weight.dtype).view(weight.shape)
     else:
         grad_x, grad_weight = convolution_backward(
@@ -350,24 +324,8 @@ def routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, sca
     if kind == "depthwise":
         return ops.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, activation)
     if kind == "pointwise":
-        return ops.pointwise_conv2d(x, weight, bias, scale, shift, activation, None, False, None, None, None)
+        return ops.pointwise_conv2d(x, weight, bias, scale=scale, shift=shift, activation=activation)
     return ops.conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation)
-
-
-def normalise_geometry(weight: torch.Tensor, stride, padding, dilation) -> tuple:
-    """(stride, padding as (top, left, bottom, right), dilation) from F.conv2d's forms."""
-    stride_ = positive_pair(stride, "stride")
-    dilation_ = positive_pair(dilation, "dilation")
-    kernel = tuple(weight.shape[2:]) if weight.dim() == 4 else (1, 1)
-    return stride_, padding_4(padding, kernel, stride_, dilation_), dilation_
-
-
-def autocast_inputs(x, weight, bias):
-    """x, weight and bias in the autocast dtype when autocast is on, as F.conv2d runs them."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        dtype = torch.get_autocast_dtype(x.device.type)
-        return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
-    return x, weight, bias
 
 
 def conv2d_bn_act(
@@ -402,8 +360,8 @@ def conv2d_bn_act(
         (N, C_out, Ho, Wo) in x's dtype; channels_last when x's channels are innermost. Under
         autocast, x, weight and bias run in the autocast dtype, as F.conv2d does.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        fail(f"x and weight must be tensors; got {type(x).__name__} and {type(weight).__name__}")
-    stride_, padding_, dilation_ = normalise_geometry(weight, stride, padding, dilation)
+    tensors_only(x, weight)
+    kernel = tuple(weight.shape[2:]) if weight.dim() == 4 else (1, 1)
+    stride_, padding_, dilation_ = normalise_geometry(kernel, stride, padding, dilation)
     x, weight, bias = autocast_inputs(x, weight, bias)
     return routed_conv2d_bn_act(x, weight, bias, stride_, padding_, dilation_, groups, scale, shift, activation)

@@ -15,35 +15,28 @@ from typing import Optional, Sequence
 import torch
 
 from fastconv import reference
-from fastconv._conv_args import (
-    check_kernel_arguments,
-    output_memory_format,
-    output_size,
-    padding_4,
-    positive_pair,
-)
-from fastconv._validation import (
-    check_channel_vector,
-    check_float_dtype,
-    check_rank,
-    check_same_device,
-    check_same_dtype,
-    check_shape,
-    fail,
-)
+from fastconv._geometry import empty_output, normalise_geometry
+from fastconv._validation import check_same_dtype, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
-from fastconv.ops._conv_common import call_key, convolution_backward, epilogue_backward, has_epilogue, in_layout
-
-_LAYOUT = "(N, C, H, W)"
+from fastconv.ops._common import (
+    autocast_inputs,
+    call_key,
+    check_activation_input,
+    check_bias,
+    check_epilogue,
+    check_like,
+    conv_output_size,
+    refuse_float64,
+    tensors_only,
+)
+from fastconv.ops._conv_common import convolution_backward, epilogue_backward, has_epilogue, in_layout
 
 
 def _check_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int]:
     """Checks x, weight and the geometry; returns the output size (Ho, Wo)."""
-    check_rank(x, "x", 4, _LAYOUT)
-    check_float_dtype(x, "x")
-    check_same_device("weight", weight, "x", x)
-    check_same_dtype("weight", weight, "x", x)
+    check_activation_input(x)
+    check_like("weight", weight, x)
     channels = x.shape[1]
     if weight.dim() != 4 or weight.shape[1] != 1:
         fail(f"weight must have shape (C * m, 1, kh, kw) for a depthwise conv; got {tuple(weight.shape)}")
@@ -52,30 +45,15 @@ def _check_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation
             f"weight.shape[0] must be a positive multiple of x's {channels} channels (C * depth multiplier); "
             f"got {weight.shape[0]}"
         )
-    if min(weight.shape[2:]) < 1:
-        fail(f"weight's kernel size must be >= 1; got {tuple(weight.shape[2:])}")
-    check_kernel_arguments(stride, padding, dilation)
-    height, width = output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation)
-    if height < 1 or width < 1:
-        fail(
-            f"the output size must be >= 1; got ({height}, {width}) for input {tuple(x.shape[2:])}, kernel "
-            f"{tuple(weight.shape[2:])}, stride {tuple(stride)}, padding {tuple(padding)}, dilation {tuple(dilation)}"
-        )
-    return height, width
+    return conv_output_size(x, weight, stride, padding, dilation)
 
 
 def _check_forward(x, weight, bias, stride, padding, dilation, scale, shift, activation) -> tuple[int, int]:
     size = _check_conv(x, weight, stride, padding, dilation)
-    out_channels = weight.shape[0]
-    if bias is not None:
-        check_same_device("bias", bias, "x", x)
-        check_same_dtype("bias", bias, "x", x)
-        check_shape(bias, "bias", (out_channels,))
-    for name, vector in (("scale", scale), ("shift", shift)):
-        check_channel_vector(vector, name, out_channels, x, per="output channel")
+    check_bias(bias, weight.shape[0], x)
+    check_epilogue(scale, shift, activation, weight.shape[0], x)
     if scale is not None and shift is not None:
         check_same_dtype("shift", shift, "scale", scale)
-    activation_code(activation)
     return size
 
 
@@ -84,22 +62,11 @@ def _output_shape(x, weight, size):
 
 
 def _check_grad(grad_c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, size) -> None:
-    check_same_device("grad_c", grad_c, "x", x)
-    check_same_dtype("grad_c", grad_c, "x", x)
+    check_like("grad_c", grad_c, x)
     check_shape(grad_c, "grad_c", _output_shape(x, weight, size))
 
 
-def _new_output(shape, x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-
-
 # Backend implementations ------------------------------------------------------------------
-
-
-def _no_float64(*args) -> Optional[str]:
-    if args[0].dtype == torch.float64:
-        return "its kernels take float32, float16 and bfloat16; got float64"
-    return None
 
 
 def _triton():
@@ -108,51 +75,116 @@ def _triton():
     return depthwise
 
 
-def _forward_cuda(x, weight, bias, stride, padding, dilation, scale, shift, activation):
+def _triton_backward():
+    from fastconv.triton_kernels import depthwise_backward
+
+    return depthwise_backward
+
+
+def _forward_cuda(*, x, weight, bias, stride, padding, dilation, scale, shift, activation):
     return torch.ops.fastconv_cuda.depthwise_forward(
         x, weight, bias, stride, padding, dilation, scale, shift, activation_code(activation)
     )
 
 
-def _forward_triton(x, weight, bias, stride, padding, dilation, scale, shift, activation):
+def _forward_triton(*, x, weight, bias, stride, padding, dilation, scale, shift, activation):
     return _triton().depthwise_forward(x, weight, bias, stride, padding, dilation, scale, shift, activation_code(activation))
 
 
-def _forward_torch(x, weight, bias, stride, padding, dilation, scale, shift, activation):
+def _forward_torch(*, x, weight, bias, stride, padding, dilation, scale, shift, activation):
     return in_layout(reference.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, activation), x)
 
 
-def _grad_input_torch(grad_c, x, weight, stride, padding, dilation):
+def _grad_input_cuda(*, grad_c, x, weight, stride, padding, dilation):
+    return torch.ops.fastconv_cuda.depthwise_backward_input(grad_c, x, weight, stride, padding, dilation)
+
+
+def _grad_input_triton(*, grad_c, x, weight, stride, padding, dilation):
+    return _triton_backward().depthwise_backward_input(grad_c, x, weight, stride, padding, dilation)
+
+
+def _grad_input_torch(*, grad_c, x, weight, stride, padding, dilation):
     grad_x, _ = convolution_backward(grad_c, x, weight, stride, padding, dilation, x.shape[1], [True, False, False])
     return in_layout(grad_x, x)
 
 
-def _grad_weight_torch(grad_c, x, weight, stride, padding, dilation):
+def _grad_weight_cuda(*, grad_c, x, weight, stride, padding, dilation):
+    return tuple(torch.ops.fastconv_cuda.depthwise_backward_weight(grad_c, x, weight, stride, padding, dilation))
+
+
+def _grad_weight_triton(*, grad_c, x, weight, stride, padding, dilation):
+    return _triton_backward().depthwise_backward_weight(grad_c, x, weight, stride, padding, dilation)
+
+
+def _grad_weight_torch(*, grad_c, x, weight, stride, padding, dilation):
     _, grad_weight = convolution_backward(grad_c, x, weight, stride, padding, dilation, x.shape[1], [False, True, False])
     return grad_weight.contiguous(), grad_c.sum(dim=(0, 2, 3))
 
 
+def _with_stats_cuda(*, x, weight, bias, stride, padding, dilation):
+    # The CUDA depthwise kernels have no statistics epilogue yet: one batch_norm_stats pass
+    # over c (+1 read of c) on the same backend.
+    c = _forward_cuda(
+        x=x, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation, scale=None, shift=None,
+        activation=None,
+    )  # fmt: skip
+    with use_backend("cuda"):
+        mean, var = torch.ops.fastconv.batch_norm_stats(c)
+    return c, mean, var
+
+
+def _with_stats_triton(*, x, weight, bias, stride, padding, dilation):
+    bias = bias.contiguous() if bias is not None else None
+    return _triton().depthwise_forward_with_stats(x, weight, bias, stride, padding, dilation)
+
+
+def _with_stats_torch(*, x, weight, bias, stride, padding, dilation):
+    c = _forward_torch(
+        x=x, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation, scale=None, shift=None,
+        activation=None,
+    )  # fmt: skip
+    mean, var = reference.batch_norm_stats(c)
+    return c, mean, var
+
+
 FORWARD = OpImplementations("depthwise_conv2d")
-FORWARD.register("cuda", _forward_cuda, _no_float64)
+FORWARD.register("cuda", _forward_cuda, refuse_float64("x"))
 FORWARD.register("triton", _forward_triton)
 FORWARD.register("torch", _forward_torch)
 
 GRAD_INPUT = OpImplementations("depthwise_conv2d_backward_input")
-GRAD_INPUT.register(
-    "cuda", lambda *a: torch.ops.fastconv_cuda.depthwise_backward_input(*a), lambda g, *rest: _no_float64(g)
-)
-GRAD_INPUT.register("triton", lambda *a: _triton().depthwise_backward_input(*a))
+GRAD_INPUT.register("cuda", _grad_input_cuda, refuse_float64("grad_c"))
+GRAD_INPUT.register("triton", _grad_input_triton)
 GRAD_INPUT.register("torch", _grad_input_torch)
 
 GRAD_WEIGHT = OpImplementations("depthwise_conv2d_backward_weight")
-GRAD_WEIGHT.register(
-    "cuda", lambda *a: tuple(torch.ops.fastconv_cuda.depthwise_backward_weight(*a)), lambda g, *rest: _no_float64(g)
-)
-GRAD_WEIGHT.register("triton", lambda *a: _triton().depthwise_backward_weight(*a))
+GRAD_WEIGHT.register("cuda", _grad_weight_cuda, refuse_float64("grad_c"))
+GRAD_WEIGHT.register("triton", _grad_weight_triton)
 GRAD_WEIGHT.register("torch", _grad_weight_torch)
+
+WITH_STATS = OpImplementations("depthwise_conv2d with batch statistics")
+WITH_STATS.register("cuda", _with_stats_cuda, refuse_float64("x"))
+WITH_STATS.register("triton", _with_stats_triton)
+WITH_STATS.register("torch", _with_stats_torch)
+
+
+def forward_with_stats(backend: str, *, x, weight, bias, stride, padding, dilation):
+    """(c, mean, var): the plain depthwise conv on `backend` and its per-channel batch mean and
+    biased variance, fused into the kernel where the backend can; conv2d_batch_stats's
+    depthwise route. Arguments are checked by the caller's op."""
+    return WITH_STATS.run(backend, x.device, x=x, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation)
 
 
 # Registered ops ---------------------------------------------------------------------------
+
+
+def _run_backward(implementations: OpImplementations, grad_c, x, weight, stride, padding, dilation):
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    _check_grad(grad_c, x, weight, _check_conv(x, weight, stride, padding, dilation))
+    return implementations(
+        x.device, call_key(grad_c, x, weight, stride, padding, dilation),
+        grad_c=grad_c, x=x, weight=weight, stride=stride, padding=padding, dilation=dilation,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("fastconv::depthwise_conv2d", mutates_args=())
@@ -167,15 +199,19 @@ def depthwise_conv2d_op(
     shift: Optional[torch.Tensor],
     activation: Optional[str],
 ) -> torch.Tensor:
-    args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), scale, shift, activation)
-    _check_forward(*args)
-    return FORWARD(x.device, call_key(*args), *args)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    _check_forward(x, weight, bias, stride, padding, dilation, scale, shift, activation)
+    return FORWARD(
+        x.device, call_key(x, weight, bias, stride, padding, dilation, scale, shift, activation),
+        x=x, weight=weight, bias=bias, stride=stride, padding=padding, dilation=dilation, scale=scale, shift=shift,
+        activation=activation,
+    )  # fmt: skip
 
 
 @depthwise_conv2d_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, scale, shift, activation):
     size = _check_forward(x, weight, bias, stride, padding, dilation, scale, shift, activation)
-    return _new_output(_output_shape(x, weight, size), x)
+    return empty_output(_output_shape(x, weight, size), x)
 
 
 @torch.library.custom_op("fastconv::depthwise_conv2d_backward_input", mutates_args=())
@@ -188,15 +224,13 @@ def depthwise_conv2d_backward_input_op(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     """grad_x of the plain convolution (no epilogue); x gives the shape and layout only."""
-    args = (grad_c, x, weight, tuple(stride), tuple(padding), tuple(dilation))
-    _check_grad(grad_c, x, weight, _check_conv(x, weight, *args[3:]))
-    return GRAD_INPUT(x.device, call_key(x, weight, *args[3:]), *args)
+    return _run_backward(GRAD_INPUT, grad_c, x, weight, stride, padding, dilation)
 
 
 @depthwise_conv2d_backward_input_op.register_fake
 def _(grad_c, x, weight, stride, padding, dilation):
     _check_grad(grad_c, x, weight, _check_conv(x, weight, stride, padding, dilation))
-    return _new_output(x.shape, x)
+    return empty_output(x.shape, x)
 
 
 @torch.library.custom_op("fastconv::depthwise_conv2d_backward_weight", mutates_args=())
@@ -209,9 +243,7 @@ def depthwise_conv2d_backward_weight_op(
     dilation: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_weight, grad_bias) of the plain convolution; deterministic reductions."""
-    args = (grad_c, x, weight, tuple(stride), tuple(padding), tuple(dilation))
-    _check_grad(grad_c, x, weight, _check_conv(x, weight, *args[3:]))
-    return GRAD_WEIGHT(x.device, call_key(x, weight, *args[3:]), *args)
+    return _run_backward(GRAD_WEIGHT, grad_c, x, weight, stride, padding, dilation)
 
 
 @depthwise_conv2d_backward_weight_op.register_fake
@@ -295,17 +327,9 @@ def depthwise_conv2d(
         (N, C * m, Ho, Wo) in x's dtype; channels_last when x's channels are innermost.
         Under autocast, x, weight and bias run in the autocast dtype, as F.conv2d does.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        fail(f"x and weight must be tensors; got {type(x).__name__} and {type(weight).__name__}")
+    tensors_only(x, weight)
     if weight.dim() != 4:
         fail(f"weight must have shape (C * m, 1, kh, kw) for a depthwise conv; got {tuple(weight.shape)}")
-    stride_ = positive_pair(stride, "stride")
-    dilation_ = positive_pair(dilation, "dilation")
-    padding_ = padding_4(padding, tuple(weight.shape[2:]), stride_, dilation_)
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        # Conv ops run in the low-precision autocast dtype; the epilogue's parameters stay as
-        # given (float32 is allowed beside half activations).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    stride_, padding_, dilation_ = normalise_geometry(tuple(weight.shape[2:]), stride, padding, dilation)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     return torch.ops.fastconv.depthwise_conv2d(x, weight, bias, stride_, padding_, dilation_, scale, shift, activation)

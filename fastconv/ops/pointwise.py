@@ -20,47 +20,49 @@ from typing import Optional
 import torch
 
 from fastconv import reference
-from fastconv._conv_args import output_memory_format
-from fastconv._validation import (
-    check_channel_vector,
-    check_float_dtype,
-    check_rank,
-    check_same_device,
-    check_same_dtype,
-    check_shape,
-    fail,
-)
+from fastconv._geometry import accumulate_dtype, empty_output
+from fastconv._validation import check_channel_vector, check_rank, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
+from fastconv.ops._common import (
+    NCHW,
+    allow_tf32,
+    autocast_inputs,
+    call_key,
+    check_activation_input,
+    input_grads_wanted,
+    check_bias,
+    check_epilogue,
+    check_like,
+    contiguous_vectors,
+    refuse_float64_and_fp32_without_tf32,
+    tensors_only,
+)
 
-_LAYOUT = "(N, C, H, W)"
+# The epilogue and prologue arguments, in the schema's order after (x, weight).
+_EPILOGUE = (
+    "bias", "scale", "shift", "activation", "residual", "activation_after_residual", "in_scale", "in_shift",
+    "in_activation",
+)  # fmt: skip
 
 
 def _check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shift, in_activation) -> tuple:
     """Checks every argument; returns the output shape."""
-    check_rank(x, "x", 4, _LAYOUT)
-    check_float_dtype(x, "x")
-    check_same_device("weight", weight, "x", x)
-    check_same_dtype("weight", weight, "x", x)
+    check_activation_input(x)
+    check_like("weight", weight, x)
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
         fail(f"weight must have shape (C_out, C_in, 1, 1) for a 1x1 conv; got {tuple(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         fail(f"weight.shape[1] must equal x's {x.shape[1]} input channels; got {weight.shape[1]}")
     out_channels = weight.shape[0]
-    if bias is not None:
-        check_same_device("bias", bias, "x", x)
-        check_same_dtype("bias", bias, "x", x)
-        check_shape(bias, "bias", (out_channels,))
-    for name, vector in (("scale", scale), ("shift", shift)):
-        check_channel_vector(vector, name, out_channels, x, per="output channel")
+    check_bias(bias, out_channels, x)
+    check_epilogue(scale, shift, activation, out_channels, x)
     for name, vector in (("in_scale", in_scale), ("in_shift", in_shift)):
         check_channel_vector(vector, name, x.shape[1], x, per="input channel")
-    activation_code(activation)
     activation_code(in_activation, "in_activation")
     shape = (x.shape[0], out_channels, x.shape[2], x.shape[3])
     if residual is not None:
-        check_same_device("residual", residual, "x", x)
-        check_same_dtype("residual", residual, "x", x)
+        check_like("residual", residual, x)
         check_shape(residual, "residual", shape)
     return shape
 
@@ -97,8 +99,7 @@ def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _check_out(out: torch.Tensor, shape, x, weight, residual, real_tensors: bool = True) -> None:
-    check_same_device("out", out, "x", x)
-    check_same_dtype("out", out, "x", x)
+    check_like("out", out, x)
     check_shape(out, "out", shape)
     if not real_tensors:
         return  # fake tensors have no addresses to compare
@@ -107,55 +108,40 @@ def _check_out(out: torch.Tensor, shape, x, weight, residual, real_tensors: bool
             fail(f"out must not overlap {name}: the kernel would read what it has already written")
 
 
-def _call_key(x, weight, *rest) -> tuple:
-    flags = tuple(r.dtype if isinstance(r, torch.Tensor) else r for r in rest)
-    return (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), x.dtype, x.device) + flags
-
-
-def _allow_tf32() -> bool:
-    return torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-
-
 # Backend implementations: each writes into `out` -------------------------------------------------
 
 
-def _forward_torch(out, x, weight, *epilogue):
-    return out.copy_(reference.pointwise_conv2d(x, weight, *epilogue))
+def _forward_torch(*, out, x, weight, **epilogue):
+    return out.copy_(reference.pointwise_conv2d(x, weight, **epilogue))
 
 
-def _contiguous(vector: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return vector.contiguous() if vector is not None else None  # C values: no real copy to speak of
-
-
-def _forward_triton(out, x, weight, bias, scale, shift, activation, residual, after, in_scale, in_shift, in_activation):
+def _forward_triton(
+    *, out, x, weight, bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift,
+    in_activation,
+):  # fmt: skip
     from fastconv.triton_kernels import pointwise
 
-    bias, scale, shift, in_scale, in_shift = map(_contiguous, (bias, scale, shift, in_scale, in_shift))
+    bias, scale, shift, in_scale, in_shift = contiguous_vectors(bias, scale, shift, in_scale, in_shift)
     return pointwise.pointwise_gemm(
-        x, weight[:, :, 0, 0], out, bias, scale, shift, activation_code(activation), residual, after,
-        in_scale, in_shift, activation_code(in_activation), _allow_tf32(),
+        x, weight[:, :, 0, 0], out, bias, scale, shift, activation_code(activation), residual,
+        activation_after_residual, in_scale, in_shift, activation_code(in_activation), allow_tf32(),
     )  # fmt: skip
 
 
-def _cuda_supports(out, x, *rest) -> Optional[str]:
-    if x.dtype == torch.float64:
-        return "its tensor-core kernels take float16, bfloat16 and (as tf32) float32; got float64"
-    if x.dtype == torch.float32 and not _allow_tf32():
-        return "float32 runs only as tf32 on its tensor cores, and TF32 is not allowed (torch.backends.*.allow_tf32)"
-    return None
-
-
-def _forward_cuda(out, x, weight, bias, scale, shift, activation, residual, after, in_scale, in_shift, in_activation):
+def _forward_cuda(
+    *, out, x, weight, bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift,
+    in_activation,
+):  # fmt: skip
     torch.ops.fastconv_cuda.pointwise_forward(
-        x, weight[:, :, 0, 0], bias, scale, shift, activation_code(activation), residual, after,
-        in_scale, in_shift, activation_code(in_activation), _allow_tf32(), out,
+        x, weight[:, :, 0, 0], bias, scale, shift, activation_code(activation), residual, activation_after_residual,
+        in_scale, in_shift, activation_code(in_activation), allow_tf32(), out,
     )  # fmt: skip
     return out
 
 
-def _weight_grad_torch(grad_c, x, in_scale, in_shift, in_activation):
+def _weight_grad_torch(*, grad_c, x, in_scale, in_shift, in_activation):
     a = reference.pointwise_prologue(x, in_scale, in_shift, in_activation)
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wide = accumulate_dtype(x.dtype)
     return torch.einsum("njhw,nkhw->jk", grad_c.to(wide), a.to(wide))
 
 
@@ -164,7 +150,7 @@ def _pixel_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def _weight_grad_cuda(grad_c, x, in_scale, in_shift, in_activation):
+def _weight_grad_cuda(*, grad_c, x, in_scale, in_shift, in_activation):
     """cuBLAS: grad_w = grad_c^T a as one GEMM over the pixels, a being the prologue's output,
     which is materialised here (one write and one read of x's size when there is a prologue).
 
@@ -176,18 +162,44 @@ def _weight_grad_cuda(grad_c, x, in_scale, in_shift, in_activation):
         if "dtype" in torch.ops.aten.mm.overloads():
             return torch.mm(g, a, out_dtype=torch.float32)  # fp32 accumulate and result
         return torch.mm(g.float(), a.float())  # a torch without mm's out_dtype (before 2.8)
-    return torch.mm(g, a).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.mm(g, a).to(accumulate_dtype(x.dtype))
 
 
-def _weight_grad_triton(grad_c, x, in_scale, in_shift, in_activation):
+def _weight_grad_triton(*, grad_c, x, in_scale, in_shift, in_activation):
+    from fastconv.triton_kernels import pointwise_backward
+
+    in_scale, in_shift = contiguous_vectors(in_scale, in_shift)
+    return pointwise_backward.pointwise_weight_grad(
+        grad_c, x, in_scale, in_shift, activation_code(in_activation), allow_tf32()
+    )
+
+
+def _with_stats_cuda(*, x, weight, bias):
+    # The CUDA pointwise GEMM has no statistics epilogue yet: one batch_norm_stats pass over c.
+    c = empty_output((x.shape[0], weight.shape[0], *x.shape[2:]), x)
+    _forward_cuda(out=c, x=x, weight=weight, **dict.fromkeys(_EPILOGUE), activation_after_residual=False)
+    with use_backend("cuda"):
+        mean, var = torch.ops.fastconv.batch_norm_stats(c)
+    return c, mean, var
+
+
+def _with_stats_triton(*, x, weight, bias):
     from fastconv.triton_kernels import pointwise
 
-    in_scale, in_shift = _contiguous(in_scale), _contiguous(in_shift)
-    return pointwise.pointwise_weight_grad(grad_c, x, in_scale, in_shift, activation_code(in_activation), _allow_tf32())
+    c = empty_output((x.shape[0], weight.shape[0], *x.shape[2:]), x)
+    (bias,) = contiguous_vectors(bias)
+    return pointwise.pointwise_gemm_with_stats(x, weight[:, :, 0, 0], c, bias, allow_tf32())
+
+
+def _with_stats_torch(*, x, weight, bias):
+    c = empty_output((x.shape[0], weight.shape[0], *x.shape[2:]), x)
+    _forward_torch(out=c, x=x, weight=weight, bias=bias)
+    mean, var = reference.batch_norm_stats(c)
+    return c, mean, var
 
 
 FORWARD = OpImplementations("pointwise_conv2d")
-FORWARD.register("cuda", _forward_cuda, _cuda_supports)
+FORWARD.register("cuda", _forward_cuda, refuse_float64_and_fp32_without_tf32("x"))
 FORWARD.register("triton", _forward_triton)
 FORWARD.register("torch", _forward_torch)
 
@@ -196,9 +208,22 @@ WEIGHT_GRAD.register("cuda", _weight_grad_cuda)
 WEIGHT_GRAD.register("triton", _weight_grad_triton)
 WEIGHT_GRAD.register("torch", _weight_grad_torch)
 
+WITH_STATS = OpImplementations("pointwise_conv2d with batch statistics")
+WITH_STATS.register("cuda", _with_stats_cuda, refuse_float64_and_fp32_without_tf32("x"))
+WITH_STATS.register("triton", _with_stats_triton)
+WITH_STATS.register("torch", _with_stats_torch)
 
-def _run_forward(out, x, weight, *epilogue):
-    return FORWARD(x.device, _call_key(x, weight, *epilogue, out.stride()), out, x, weight, *epilogue)
+
+def forward_with_stats(backend: str, *, x, weight, bias):
+    """(c, mean, var): the plain 1x1 conv on `backend` and its per-channel batch mean and biased
+    variance, fused into the GEMM's epilogue where the backend can; conv2d_batch_stats's
+    pointwise route. Arguments are checked by the caller's op."""
+    return WITH_STATS.run(backend, x.device, x=x, weight=weight, bias=bias)
+
+
+def _run_forward(out, x, weight, epilogue: dict):
+    key = call_key(out, x, weight, *epilogue.values())
+    return FORWARD(x.device, key, out=out, x=x, weight=weight, **epilogue)
 
 
 # Registered ops --------------------------------------------------------------------------------
@@ -208,28 +233,30 @@ def _run_forward(out, x, weight, *epilogue):
 def pointwise_conv2d_op(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor],
-    activation: Optional[str],
-    residual: Optional[torch.Tensor],
-    activation_after_residual: bool,
-    in_scale: Optional[torch.Tensor],
-    in_shift: Optional[torch.Tensor],
-    in_activation: Optional[str],
+    # Defaults in the schema let other families call the op by keyword with only what they use.
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    activation_after_residual: bool = False,
+    in_scale: Optional[torch.Tensor] = None,
+    in_shift: Optional[torch.Tensor] = None,
+    in_activation: Optional[str] = None,
 ) -> torch.Tensor:
-    epilogue = (bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift, in_activation)
-    shape = _check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shift, in_activation)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    epilogue = dict(zip(_EPILOGUE, (
+        bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift, in_activation,
+    )))  # fmt: skip
+    out = empty_output(_check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shift, in_activation), x)
     if out.numel() == 0:
         return out
-    return _run_forward(out, x, weight, *epilogue)
+    return _run_forward(out, x, weight, epilogue)
 
 
 @pointwise_conv2d_op.register_fake
-def _(x, weight, bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift, in_activation):
-    shape = _check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shift, in_activation)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+def _(x, weight, bias=None, scale=None, shift=None, activation=None, residual=None, activation_after_residual=False,
+      in_scale=None, in_shift=None, in_activation=None):  # fmt: skip  (the schema's defaults)
+    return empty_output(_check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shift, in_activation), x)
 
 
 @torch.library.custom_op("fastconv::pointwise_conv2d_out", mutates_args=("out",))
@@ -248,11 +275,13 @@ def pointwise_conv2d_out_op(
     out: torch.Tensor,
 ) -> None:
     """pointwise_conv2d written into `out`, e.g. a channel slice of a concatenation buffer."""
-    epilogue = (bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift, in_activation)
+    epilogue = dict(zip(_EPILOGUE, (
+        bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift, in_activation,
+    )))  # fmt: skip
     shape = _check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shift, in_activation)
     _check_out(out, shape, x, weight, residual)
     if out.numel():
-        _run_forward(out, x, weight, *epilogue)
+        _run_forward(out, x, weight, epilogue)
 
 
 @pointwise_conv2d_out_op.register_fake
@@ -271,18 +300,19 @@ def pointwise_conv2d_backward_weight_op(
 ) -> torch.Tensor:
     """sum over pixels of grad_c[j] * in_act(x * in_scale + in_shift)[k], as (C_out, C_in) in
     float32 (float64 for float64 inputs); deterministic."""
-    args = (grad_c, x, in_scale, in_shift, in_activation)
-    _check_weight_grad(*args)
+    _check_weight_grad(grad_c, x, in_scale, in_shift, in_activation)
     if grad_c.numel() == 0 or x.numel() == 0:
         return _weight_grad_like(grad_c, x).zero_()
-    return WEIGHT_GRAD(x.device, _call_key(x, grad_c, in_scale, in_shift, in_activation), *args)
+    return WEIGHT_GRAD(
+        x.device, call_key(grad_c, x, in_scale, in_shift, in_activation),
+        grad_c=grad_c, x=x, in_scale=in_scale, in_shift=in_shift, in_activation=in_activation,
+    )  # fmt: skip
 
 
 def _check_weight_grad(grad_c, x, in_scale, in_shift, in_activation) -> None:
-    check_rank(x, "x", 4, _LAYOUT)
-    check_rank(grad_c, "grad_c", 4, _LAYOUT)
-    check_same_device("grad_c", grad_c, "x", x)
-    check_same_dtype("grad_c", grad_c, "x", x)
+    check_rank(x, "x", 4, NCHW)
+    check_rank(grad_c, "grad_c", 4, NCHW)
+    check_like("grad_c", grad_c, x)
     if grad_c.shape[0] != x.shape[0] or grad_c.shape[2:] != x.shape[2:]:
         fail(f"grad_c must have x's batch and spatial sizes {(x.shape[0], *x.shape[2:])}; got {tuple(grad_c.shape)}")
     for name, vector in (("in_scale", in_scale), ("in_shift", in_shift)):
@@ -291,8 +321,7 @@ def _check_weight_grad(grad_c, x, in_scale, in_shift, in_activation) -> None:
 
 
 def _weight_grad_like(grad_c, x):
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.empty(grad_c.shape[1], x.shape[1], dtype=wide, device=x.device)
+    return torch.empty(grad_c.shape[1], x.shape[1], dtype=accumulate_dtype(x.dtype), device=x.device)
 
 
 @pointwise_conv2d_backward_weight_op.register_fake
@@ -326,7 +355,7 @@ def _epilogue_backward(grad_y, x, weight, bias, scale, shift, residual, options,
         # y = c (+ residual): nothing to recompute, nothing to differentiate.
         return grad_y, None, None, grad_y if has_residual else None
     ops = torch.ops.fastconv
-    c = ops.pointwise_conv2d(x, weight, bias, None, None, None, None, False, in_scale, in_shift, in_activation)
+    c = ops.pointwise_conv2d(x, weight, bias, in_scale=in_scale, in_shift=in_shift, in_activation=in_activation)
     scale_, shift_ = _ones_zeros(scale, shift, weight.shape[0], x.device)
     if not (after and has_residual):
         grad_c, grad_scale, grad_shift = ops.bn_act_backward(grad_y, c, scale_, shift_, activation)
@@ -341,7 +370,7 @@ def _epilogue_backward(grad_y, x, weight, bias, scale, shift, residual, options,
 def _backward(ctx, grad_y):
     x, weight, bias, scale, shift, in_scale, in_shift, residual = ctx.saved_tensors
     in_activation = ctx.options[3]
-    needs = ctx.needs_input_grad
+    needs = input_grads_wanted(ctx, 11)
     ops = torch.ops.fastconv
     grads = dict.fromkeys(("x", "weight", "bias", "scale", "shift", "residual", "in_scale", "in_shift"))
     with use_backend(ctx.backend):
@@ -354,9 +383,7 @@ def _backward(ctx, grad_y):
             grad_weight = ops.pointwise_conv2d_backward_weight(grad_c, x, in_scale, in_shift, in_activation)
             grads["weight"] = grad_weight.to(weight.dtype).view(weight.shape)
         if needs[0] or needs[8] or needs[9]:
-            grad_a = ops.pointwise_conv2d(
-                grad_c, weight.transpose(0, 1), None, None, None, None, None, False, None, None, None
-            )
+            grad_a = ops.pointwise_conv2d(grad_c, weight.transpose(0, 1))
             if in_scale is None and in_shift is None and in_activation is None:
                 grads["x"] = grad_a
             else:
@@ -405,8 +432,8 @@ def pointwise_conv2d(
     Returns:
         (N, C_out, H, W) in x's dtype (channels_last when x's channels are innermost), or `out`.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        fail(f"x and weight must be tensors; got {type(x).__name__} and {type(weight).__name__}")
+    tensors_only(x, weight)
+    x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
     args = (x, weight, bias, scale, shift, activation, residual, activation_after_residual, in_scale, in_shift, in_activation)
     if out is None:
         return torch.ops.fastconv.pointwise_conv2d(*args)
