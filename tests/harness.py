@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastconv
-from fastconv.backends import available
+from fastconv.backends import available, interpreting
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -26,6 +26,22 @@ LAYOUTS = ("nchw", "channels_last", "channel_slice", "spatial_slice")
 # to bfloat16 instead of rounding to nearest (seen: 0.0155 against torch's 0.0075 on randn),
 # which doubles bfloat16 errors on the CPU; the GPU rounds to nearest.
 _RELATIVE_SLACK = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# Each skip reason worded once.
+INTERPRETED_BF16_DOT = (
+    "tl.dot on bfloat16 operands returns garbage in Triton's CPU interpreter (seen with Triton 3.8; "
+    "float16 and float32 are right); tested on the GPU"
+)
+needs_cuda_backend = pytest.mark.skipif(
+    not available()["cuda"].available, reason=f"backend cuda: {available()['cuda'].reason}"
+)
+
+
+def skip_interpreted_bf16_dot(backend: str, dtype: torch.dtype) -> None:
+    """The triton backend's bfloat16 GEMMs are tested on the GPU only (INTERPRETED_BF16_DOT)."""
+    if backend == "triton" and dtype == torch.bfloat16 and interpreting():
+        pytest.skip(INTERPRETED_BF16_DOT)
 
 
 def backends_under_test(implementations=None) -> list:
@@ -175,3 +191,19 @@ def run_backend(backend: str, function: Callable, *args, **kwargs):
     """function(*args, **kwargs) on `backend` (see on_backend)."""
     with on_backend(backend):
         return function(*args, **kwargs)
+
+
+def assert_batch_stats(out: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relative: float = 2e-6) -> None:
+    """A kernel's fused batch statistics against float64 statistics of the out it stored: float32 (float64) as the contract says,
+    mean within `relative` of the channel's spread and magnitude, var within `relative` of itself."""
+    want = torch.float64 if out.dtype == torch.float64 else torch.float32
+    assert mean.dtype == want and var.dtype == want
+    assert mean.shape == var.shape == (out.shape[1],)
+    ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
+    if out.dtype == torch.float64:
+        relative = 1e-12
+    spread = ref_var.sqrt() + ref_mean.abs()
+    mean_error = (mean.double() - ref_mean).abs()
+    var_error = (var.double() - ref_var).abs()
+    assert (mean_error <= relative * spread + 1e-30).all(), f"mean off by {(mean_error / spread).max():.3g} (relative)"
+    assert (var_error <= relative * ref_var + 1e-30).all(), f"var off by {(var_error / ref_var).max():.3g} (relative)"

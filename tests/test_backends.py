@@ -86,7 +86,7 @@ def test_auto_falls_back_quietly_when_a_candidate_fails():
     implementations.register("cuda", broken)
     implementations.register("triton", broken)
     implementations.register("torch", lambda x: x + 1)
-    assert implementations._run_first_that_works(["cuda", "triton", "torch"], (1,)) == 2
+    assert implementations._run_first_that_works(["cuda", "triton", "torch"], {"x": 1}) == 2
 
 
 @pytest.mark.gpu
@@ -113,9 +113,9 @@ def test_backward_runs_on_the_forward_backend_from_another_thread():
     seen = []
     original = bn_act_module.BACKWARD._functions["torch"]
 
-    def spy(*args):
+    def spy(**arguments):
         seen.append(fastconv.get_backend())
-        return original(*args)
+        return original(**arguments)
 
     bn_act_module.BACKWARD._functions["torch"] = spy
     try:

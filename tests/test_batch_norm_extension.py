@@ -140,6 +140,8 @@ def test_cuda_is_registered_and_refuses_float64():
     c = torch.empty(SHAPE, dtype=torch.float64, device="meta")
     stats = torch.empty(SHAPE[1], dtype=torch.float64, device="meta")
     reason = "its kernels take float32, float16 and bfloat16; got float64"
-    assert batch_norm_ops._cuda_supports(c) == reason
-    assert batch_norm_ops._cuda_supports(torch.empty_like(c), c, stats, stats, None, None, "relu") == reason
-    assert batch_norm_ops._cuda_supports(c.float()) is None
+    stats_supports, backward_supports = (i._supports["cuda"] for i in (batch_norm_ops.STATS, batch_norm_ops.BACKWARD))
+    assert stats_supports(c=c) == reason
+    backward_call = dict(grad_y=torch.empty_like(c), c=c, mean=stats, invstd=stats, weight=None, bias=None, activation="relu")
+    assert backward_supports(**backward_call) == reason
+    assert stats_supports(c=c.float()) is None

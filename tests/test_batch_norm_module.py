@@ -1,4 +1,4 @@
-"""fastconv.nn modules against the torch.nn layers they replace."""
+"""fastconv.nn.BatchNormAct2d against the BatchNorm2d and activation it replaces."""
 
 from __future__ import annotations
 
@@ -119,69 +119,3 @@ def test_eval_rejects_non_4d_input_like_batchnorm2d():
     fused = BatchNormAct2d(3).eval()
     with pytest.raises(ValueError, match="expected 4D input"):
         fused(torch.randn(2, 3, 4))
-
-
-def test_depthwise_conv2d_is_a_conv2d_with_the_same_state_dict():
-    from fastconv.nn import DepthwiseConv2d
-
-    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=8).to(DEVICE)
-    depthwise = DepthwiseConv2d(8, 16, 3, stride=2, padding=1).to(DEVICE)
-    assert list(depthwise.state_dict()) == list(conv.state_dict())
-    depthwise.load_state_dict(conv.state_dict())
-    x = random_tensor((2, 8, 9, 9), torch.float32, "channels_last")
-    torch.testing.assert_close(depthwise(x), conv(x))
-    with pytest.raises(ValueError, match=r"groups must equal in_channels \(8\) for a depthwise conv; got 2"):
-        DepthwiseConv2d(8, 16, 3, groups=2)
-
-
-@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
-def test_depthwise_conv2d_padding_modes(padding_mode):
-    from fastconv.nn import DepthwiseConv2d
-
-    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, padding_mode=padding_mode).to(DEVICE)
-    x = random_tensor((1, 4, 6, 7), torch.float32, "nchw")
-    torch.testing.assert_close(DepthwiseConv2d.from_conv(conv)(x), conv(x))
-
-
-def test_convert_depthwise_on_torchvision_mobilenet_v2():
-    torchvision = pytest.importorskip("torchvision")
-    from fastconv.nn import DepthwiseConv2d, convert_depthwise
-
-    original = torchvision.models.mobilenet_v2(num_classes=10).to(DEVICE).eval()
-    converted = torchvision.models.mobilenet_v2(num_classes=10).to(DEVICE).eval()
-    converted.load_state_dict(original.state_dict())
-    convert_depthwise(converted)
-    assert sum(isinstance(m, DepthwiseConv2d) for m in converted.modules()) == 17
-    assert list(converted.state_dict()) == list(original.state_dict())
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
-    with torch.no_grad():
-        torch.testing.assert_close(converted(x), original(x))
-
-
-def test_pointwise_conv2d_is_a_conv2d_with_the_same_state_dict():
-    from fastconv.nn import PointwiseConv2d
-
-    conv = nn.Conv2d(8, 12, 1).to(DEVICE)
-    pointwise = PointwiseConv2d.from_conv(conv)
-    assert list(pointwise.state_dict()) == list(conv.state_dict()) and pointwise.weight is conv.weight
-    x = random_tensor((2, 8, 5, 5), torch.float32, "channels_last")
-    torch.testing.assert_close(pointwise(x), conv(x))
-    with pytest.raises(ValueError, match=r"kernel_size must be 1 for a pointwise conv; got 3"):
-        PointwiseConv2d(8, 12, 3)
-    with pytest.raises(ValueError, match=r"conv must be a 1x1, stride-1, unpadded, ungrouped nn.Conv2d"):
-        PointwiseConv2d.from_conv(nn.Conv2d(8, 12, 1, stride=2))
-
-
-def test_convert_pointwise_and_depthwise_on_torchvision_mobilenet_v2():
-    torchvision = pytest.importorskip("torchvision")
-    from fastconv.nn import PointwiseConv2d, convert_depthwise, convert_pointwise
-
-    original = torchvision.models.mobilenet_v2(num_classes=10).to(DEVICE).eval()
-    converted = torchvision.models.mobilenet_v2(num_classes=10).to(DEVICE).eval()
-    converted.load_state_dict(original.state_dict())
-    convert_pointwise(convert_depthwise(converted))
-    assert sum(isinstance(m, PointwiseConv2d) for m in converted.modules()) == 34  # MobileNetV2's 1x1 convs (PERF.md)
-    assert list(converted.state_dict()) == list(original.state_dict())
-    x = torch.randn(2, 3, 32, 32, device=DEVICE)
-    with torch.no_grad():
-        torch.testing.assert_close(converted(x), original(x), atol=1e-4, rtol=1e-4)

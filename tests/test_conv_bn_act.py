@@ -14,11 +14,19 @@ import torch
 
 import fastconv
 from fastconv import reference
-from fastconv.backends import interpreting
+from fastconv._geometry import normalise_geometry
 from fastconv.ops import batch_norm as batch_norm_ops
 from fastconv.ops import conv_bn_act as conv_ops
 from fastconv.ops.conv_bn_act import route
-from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, random_tensor, run_backend
+from harness import (
+    DEVICE,
+    assert_matches_reference,
+    backends_under_test,
+    poisoned_allocations,
+    random_tensor,
+    run_backend,
+    skip_interpreted_bf16_dot,
+)
 
 BACKENDS = backends_under_test(conv_ops.FORWARD)
 
@@ -124,8 +132,7 @@ def test_every_epilogue(backend, bias, epilogue, activation):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_within_twice_pytorch_error(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16 and interpreting():
-        pytest.skip("tl.dot on bfloat16 is wrong in Triton's CPU interpreter; tested on the GPU")
+    skip_interpreted_bf16_dot(backend, dtype)
     # SiLU, not a kinked activation: half-precision rounding flips a kink's derivative at random
     # elements (see test_depthwise.py). 48 input channels keep the statistics of the maxima stable.
     t, geometry = make(((2, 48, 9, 9), 32, (3, 3), 2, 1, 1, 2), dtype)
@@ -150,7 +157,7 @@ def test_batch_statistics_of_the_stored_output(backend, case):
     t, geometry = make(case, torch.float16, bias=True, epilogue=False, requires_grad=False)
     # A large bias: the statistics must not lose the spread to cancellation (|mean| >> std).
     t["bias"] = (t["bias"] * 0 + 100).to(torch.float16)
-    stride, padding, dilation = conv_ops.normalise_geometry(t["weight"], geometry["stride"], geometry["padding"], geometry["dilation"])
+    stride, padding, dilation = normalise_geometry(tuple(t["weight"].shape[2:]), geometry["stride"], geometry["padding"], geometry["dilation"])
     with poisoned_allocations():
         c, mean, var = run_backend(
             backend, torch.ops.fastconv.conv2d_batch_stats, t["x"], t["weight"], t["bias"], stride, padding, dilation,
@@ -213,7 +220,7 @@ def test_autocast_runs_in_the_autocast_dtype():
 
 def test_reference_is_f_conv2d():
     t, geometry = make("even-same-groups4", torch.float64, requires_grad=False)
-    stride, padding, dilation = conv_ops.normalise_geometry(t["weight"], 1, "same", 1)
+    stride, padding, dilation = normalise_geometry(tuple(t["weight"].shape[2:]), 1, "same", 1)
     got = reference.conv2d(t["x"], t["weight"], t["bias"], stride, padding, dilation, 4, t["scale"], t["shift"], "relu")
     torch.testing.assert_close(got, eager(t, geometry, "relu"))
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fastconv._conv_args import output_size
+from fastconv._geometry import output_size
 from fastconv.ops import conv_bn_act as conv_ops
 from harness import LAYOUTS, backends_under_test, run_backend, seeded
 from test_conv_bn_act import make, run

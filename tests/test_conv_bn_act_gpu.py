@@ -16,7 +16,7 @@ from torch import nn
 import fastconv
 from fastconv.nn import ConvBNAct2d
 from fastconv.ops import conv_bn_act as conv_ops
-from harness import ON_GPU, assert_matches_reference, backends_under_test, random_tensor, run_backend
+from harness import ON_GPU, needs_cuda_backend, assert_matches_reference, backends_under_test, random_tensor, run_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")]
 
@@ -166,3 +166,102 @@ def test_batch_norm_kernels_sanitizer_subset(backend, layout):
     for name, got, want, plain in zip(("grad_c", "grad_weight", "grad_bias"), grads, exact, lowp):
         assert got.dtype == (c.dtype if name == "grad_c" else torch.float32)
         assert_matches_reference(name, got, want, plain if name == "grad_c" else None, terms=pixels)
+
+
+# The CUDA implicit GEMM called directly ------------------------------------------------------
+
+_ACTS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
+
+
+def _conv_reference(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+    top, left, bottom, right = padding
+    y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    return fastconv.reference.conv_epilogue(y, scale, shift, activation)
+
+
+def _conv_case(shape, c_out, kernel, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
+               layout="channels_last", dtype=torch.float16, activation="relu", stats=True):
+    x = random_tensor(shape, dtype, layout)
+    fan_in = shape[1] // groups * kernel[0] * kernel[1]
+    weight = (torch.randn(c_out, shape[1] // groups, *kernel, device="cuda") / fan_in**0.5).to(dtype)
+    bias = torch.randn(c_out, device="cuda").to(dtype)
+    scale, shift = torch.rand(c_out, device="cuda") + 0.5, torch.randn(c_out, device="cuda")
+    conv = (stride, padding, dilation, groups)
+    out, mean, var = torch.ops.fastconv_cuda.conv_bn_act_forward(
+        x, weight, bias, list(stride), list(padding), list(dilation), groups, scale, shift, _ACTS[activation], stats, False
+    )
+    expected64 = _conv_reference(x.double(), weight.double(), bias.double(), *conv, scale.double(), shift.double(), activation)
+    lowp = _conv_reference(x, weight, bias, *conv, scale, shift, activation)
+    assert_matches_reference("out", out, expected64, lowp, terms=fan_in)
+    from fastconv._conv_args import output_memory_format
+
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+    if stats:
+        # The statistics are of the stored (rounded) output, so compare with torch's over `out`.
+        want_var, want_mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var, want_var, rtol=1e-4, atol=1e-5)
+    else:
+        assert mean.shape == var.shape == (0,)
+    return x, weight, bias, scale, shift, out, mean, var
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize(
+    "shape, c_out, kernel, options",
+    [
+        ((2, 16, 13, 11), 24, (3, 3), dict(stride=(2, 2), padding=(1, 1, 1, 1))),
+        ((2, 16, 13, 11), 24, (3, 3), dict(stride=(2, 2), padding=(1, 1, 1, 1), layout="nchw")),
+        ((3, 32, 9, 10), 32, (3, 3), dict(padding=(1, 1, 1, 1), groups=2)),
+        ((2, 24, 12, 12), 40, (1, 7), dict(padding=(0, 3, 0, 3), activation="silu")),
+        ((2, 16, 15, 15), 16, (7, 1), dict(padding=(3, 0, 3, 0), layout="channel_slice")),
+        ((2, 8, 17, 17), 16, (3, 3), dict(padding=(2, 2, 2, 2), dilation=(2, 2))),
+        ((2, 8, 16, 16), 12, (4, 4), dict(stride=(2, 2), padding=(1, 1, 2, 2), activation=None)),  # "same"-like, even kernel
+        ((1, 3, 64, 64), 32, (7, 7), dict(stride=(2, 2), padding=(3, 3, 3, 3))),  # a stem: 3 channels, scalar loads
+        ((2, 8, 30, 30), 16, (11, 11), dict(stride=(4, 4), padding=(2, 2, 2, 2), layout="spatial_slice")),
+        ((4, 256, 7, 7), 160, (3, 3), dict(padding=(1, 1, 1, 1), stats=False)),  # skinny, long K
+        ((2, 64, 56, 56), 64, (3, 3), dict(padding=(1, 1, 1, 1))),
+    ],
+    ids=["3x3s2", "3x3s2-nchw", "groups2", "1x7", "7x1-slice", "dil2", "asym-pad-even", "stem7x7", "11x11s4", "skinny", "56x56"],
+)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_conv_forward_cuda_matches_float64(shape, c_out, kernel, options, dtype):
+    _conv_case(shape, c_out, kernel, dtype=dtype, **options)
+
+
+@needs_cuda_backend
+def test_conv_forward_cuda_statistics_are_deterministic_and_nan_when_empty():
+    x, weight, bias, scale, shift, out, mean, var = _conv_case((8, 32, 30, 30), 48, (3, 3), padding=(1, 1, 1, 1))
+    for _ in range(3):
+        again = torch.ops.fastconv_cuda.conv_bn_act_forward(x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, scale, shift, 1, True, False)
+        assert torch.equal(again[0], out) and torch.equal(again[1], mean) and torch.equal(again[2], var)
+    empty = torch.empty(0, 32, 30, 30, device="cuda", dtype=torch.float16)
+    out, mean, var = torch.ops.fastconv_cuda.conv_bn_act_forward(empty, weight, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, None, None, 0, True, False)
+    assert out.shape == (0, 48, 30, 30) and mean.isnan().all() and var.isnan().all()
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("layout, groups", [("channels_last", 1), ("nchw", 2)], ids=["vec", "scalar-groups"])
+def test_conv_forward_cuda_sanitizer_tiny(layout, groups):
+    _conv_case((1, 8, 6, 5), 6, (3, 3), stride=(1, 2), padding=(1, 0, 1, 2), groups=groups, layout=layout)
+
+
+@needs_cuda_backend
+def test_conv_forward_cuda_tf32():
+    x = torch.randn(2, 8, 9, 9, device="cuda")
+    weight = torch.randn(16, 8, 3, 3, device="cuda") / 8
+    out, _, _ = torch.ops.fastconv_cuda.conv_bn_act_forward(x, weight, None, [1, 1], [1] * 4, [1, 1], 1, None, None, 0, False, True)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, weight, padding=1), atol=1e-2, rtol=1e-2)
+
+
+@needs_cuda_backend
+@pytest.mark.parametrize("dtype, tf32", [(torch.float16, False), (torch.bfloat16, False), (torch.float32, True)], ids=["fp16", "bf16", "tf32"])
+def test_conv_forward_cuda_statistics_when_mean_dominates(dtype, tf32):
+    """|mean| >> std: per-chunk means refined by their deviations keep the variance accurate."""
+    x = random_tensor((4, 16, 20, 20), dtype, "channels_last")
+    weight = (torch.randn(24, 16, 3, 3, device="cuda") / 12).to(dtype)
+    bias = torch.full((24,), 1000.0 if dtype == torch.float32 else 50.0, device="cuda").to(dtype)
+    out, mean, var = torch.ops.fastconv_cuda.conv_bn_act_forward(x, weight, bias, [1, 1], [1] * 4, [1, 1], 1, None, None, 0, True, tf32)
+    want_var, want_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""fastconv.triton_kernels.conv_gemm, called directly: the implicit-GEMM kxk conv and its fused
+"""fastconv.triton_kernels.conv_bn_act, called directly: the implicit-GEMM kxk conv and its fused
 epilogue and batch statistics, against F.conv2d in float64.
 
 On the CPU these run in Triton's interpreter, which costs about 20 ms per program: the shapes are
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from fastconv.activations import ACTIVATION_CODES
 from fastconv.reference import conv_epilogue
-from fastconv.triton_kernels.conv_gemm import conv_gemm
-from harness import DEVICE, LAYOUTS, ON_GPU, assert_matches_reference, random_tensor
+from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
+from harness import DEVICE, INTERPRETED_BF16_DOT, LAYOUTS, ON_GPU, assert_matches_reference, random_tensor
 
 # (name, input shape, C_out, kernel, stride, padding (top, left, bottom, right), dilation, groups)
 CASES = [
@@ -66,7 +66,7 @@ def empty_out(shape, dtype, layout="channels_last"):
 
 
 def run(t, out, stride, padding, dilation, groups, activation=None, stats=False):
-    return conv_gemm(
+    return conv_bn_act_forward(
         t["x"], t["weight"], out, t["bias"], stride, padding, dilation, groups, t["scale"], t["shift"],
         ACTIVATION_CODES[activation], compute_stats=stats,
     )  # fmt: skip
@@ -207,7 +207,7 @@ def test_empty_batch(stats):
 def test_64_bit_index_path(channels, monkeypatch):
     """Tensors past 2**31 elements take the int64 path; force it on a small one (float64 too,
     for its own loop)."""
-    kernels = importlib.import_module("fastconv.triton_kernels.conv_gemm")
+    kernels = importlib.import_module("fastconv.triton_kernels.conv_bn_act")
     monkeypatch.setattr(kernels, "needs_64bit_index", lambda tensors, headroom: True)
     for dtype in (torch.float32, torch.float64):
         t = make((2, channels, 7, 6), 8, (3, 3), 1, dtype, "nchw", scale=True, shift=True)
@@ -221,12 +221,12 @@ def test_64_bit_index_path(channels, monkeypatch):
 def test_tf32_is_close():
     t = make((2, 64, 9, 9), 64, (3, 3), 1, torch.float32)
     out = empty_out((2, 64, 9, 9), torch.float32)
-    conv_gemm(t["x"], t["weight"], out, t["bias"], (1, 1), (1, 1, 1, 1), allow_tf32=True)
+    conv_bn_act_forward(t["x"], t["weight"], out, t["bias"], (1, 1), (1, 1, 1, 1), allow_tf32=True)
     want = reference(t, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-2)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="Triton 3.8's interpreter returns garbage from tl.dot on bfloat16")
+@pytest.mark.skipif(not ON_GPU, reason=INTERPRETED_BF16_DOT)
 @pytest.mark.parametrize("channels", [20, 3], ids=["taps", "small_c"])
 def test_bfloat16(channels):
     t = make((2, channels, 9, 11), 24, (3, 3), 1, torch.bfloat16, scale=True, shift=True, vector_dtype=torch.float32)
@@ -239,8 +239,8 @@ def test_bfloat16(channels):
 def test_inconsistent_shapes_raise():
     t = make((1, 8, 5, 5), 4, (3, 3), 1, torch.float32)
     with pytest.raises(ValueError, match="out has shape"):
-        conv_gemm(t["x"], t["weight"], empty_out((1, 4, 5, 5), torch.float32))
+        conv_bn_act_forward(t["x"], t["weight"], empty_out((1, 4, 5, 5), torch.float32))
     with pytest.raises(ValueError, match="groups"):
-        conv_gemm(t["x"], t["weight"], empty_out((1, 4, 3, 3), torch.float32), groups=3)
+        conv_bn_act_forward(t["x"], t["weight"], empty_out((1, 4, 3, 3), torch.float32), groups=3)
     with pytest.raises(ValueError, match="bias"):
-        conv_gemm(t["x"], t["weight"], empty_out((1, 4, 3, 3), torch.float32), bias=torch.zeros(5))
+        conv_bn_act_forward(t["x"], t["weight"], empty_out((1, 4, 3, 3), torch.float32), bias=torch.zeros(5))

@@ -210,9 +210,9 @@ def opcheck_samples():
     samples = []
     for case, layout, requires_grad in ((CASES[0], "channels_last", True), (CASES[6], "nchw", False), (CASES[8], "channel_slice", True)):
         tensors = case.inputs(torch.float32, layout, epilogue=True, requires_grad=requires_grad)
-        stride = fastconv._conv_args.positive_pair(case.stride, "stride")
-        dilation = fastconv._conv_args.positive_pair(case.dilation, "dilation")
-        padding = fastconv._conv_args.padding_4(case.padding, case.kernel, stride, dilation)
+        stride = fastconv._geometry.positive_pair(case.stride, "stride")
+        dilation = fastconv._geometry.positive_pair(case.dilation, "dilation")
+        padding = fastconv._geometry.padding_4(case.padding, case.kernel, stride, dilation)
         geometry = (stride, padding, dilation)
         samples.append(pytest.param((tensors, geometry), id=f"{case!r}-{layout}-{requires_grad}"))
     return samples

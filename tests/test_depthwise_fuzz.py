@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fastconv
-from fastconv._conv_args import output_size
+from fastconv._geometry import output_size
 from harness import (
     DEVICE,
     LAYOUTS,

@@ -10,18 +10,18 @@ import torch.nn.functional as F
 
 import fastconv
 from fastconv.activations import apply_activation
-from fastconv.backends import interpreting
 from fastconv.ops import pointwise as pointwise_ops
-from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, random_tensor, run_backend
+from harness import (
+    DEVICE,
+    assert_matches_reference,
+    backends_under_test,
+    poisoned_allocations,
+    random_tensor,
+    run_backend,
+    skip_interpreted_bf16_dot,
+)
 
 BACKENDS = backends_under_test(pointwise_ops.FORWARD)
-
-
-def skip_interpreted_bf16_dot(backend, dtype):
-    """Triton 3.8's interpreter returns garbage from tl.dot on bfloat16 operands (float16 and
-    float32 are right): the triton backend's bfloat16 GEMMs are tested on the GPU only."""
-    if backend == "triton" and dtype == torch.bfloat16 and interpreting():
-        pytest.skip("tl.dot on bfloat16 is wrong in Triton's CPU interpreter; tested on the GPU")
 
 
 def make(shape, out_channels, dtype=torch.float32, layout="channels_last", *, bias=True, epilogue=False,
