@@ -38,6 +38,12 @@ needs_cuda_backend = pytest.mark.skipif(
 )
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the contract promises for statistics and parameter gradients: float64 for
+    float64 inputs, float32 otherwise (written here again, not imported: the tests' own word)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def skip_interpreted_bf16_dot(backend: str, dtype: torch.dtype) -> None:
     """The triton backend's bfloat16 GEMMs are tested on the GPU only (INTERPRETED_BF16_DOT)."""
     if backend == "triton" and dtype == torch.bfloat16 and interpreting():
@@ -196,7 +202,7 @@ def run_backend(backend: str, function: Callable, *args, **kwargs):
 def assert_batch_stats(out: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, relative: float = 2e-6) -> None:
     """A kernel's fused batch statistics against float64 statistics of the out it stored: float32 (float64) as the contract says,
     mean within `relative` of the channel's spread and magnitude, var within `relative` of itself."""
-    want = torch.float64 if out.dtype == torch.float64 else torch.float32
+    want = wide(out.dtype)
     assert mean.dtype == want and var.dtype == want
     assert mean.shape == var.shape == (out.shape[1],)
     ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastconv import reference
 from fastconv.activations import ACTIVATION_CODES, apply_activation
 from fastconv.backends import available
-from harness import DEVICE, LAYOUTS, assert_matches_reference, poisoned_allocations, random_tensor
+from harness import assert_matches_reference, DEVICE, LAYOUTS, poisoned_allocations, random_tensor, wide
 
 _why_not = available()["triton"].reason
 pytestmark = pytest.mark.skipif(bool(_why_not), reason=f"backend triton: {_why_not}")
@@ -31,7 +31,7 @@ def kernels():
 
 
 def accumulate(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return wide(dtype)
 
 
 def make_case(shape, dtype, layout, affine=True, parameter_dtype=None, grad_layout=None, offset=0.0):

@@ -19,13 +19,14 @@ from fastconv.ops import batch_norm as batch_norm_ops
 from fastconv.ops import conv_bn_act as conv_ops
 from fastconv.ops.conv_bn_act import route
 from harness import (
-    DEVICE,
     assert_matches_reference,
     backends_under_test,
+    DEVICE,
     poisoned_allocations,
     random_tensor,
     run_backend,
     skip_interpreted_bf16_dot,
+    wide,
 )
 
 BACKENDS = backends_under_test(conv_ops.FORWARD)
@@ -47,7 +48,7 @@ CASES = {
 def make(case, dtype=torch.float32, layout="channels_last", *, bias=True, epilogue=True, requires_grad=True):
     """Inputs for a case: a name in CASES or a tuple laid out as CASES' values."""
     shape, out_channels, kernel, stride, padding, dilation, groups = CASES[case] if isinstance(case, str) else case
-    parameter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    parameter_dtype = wide(dtype)
     fan_in = shape[1] // groups * kernel[0] * kernel[1]
     t = {"x": random_tensor(shape, dtype, layout)}
     t["weight"] = (torch.randn(out_channels, shape[1] // groups, *kernel, device=DEVICE) / fan_in**0.5).to(dtype)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastconv.activations import ACTIVATION_CODES
 from fastconv.reference import conv_epilogue
 from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
-from harness import DEVICE, INTERPRETED_BF16_DOT, LAYOUTS, ON_GPU, assert_matches_reference, random_tensor
+from harness import assert_matches_reference, DEVICE, INTERPRETED_BF16_DOT, LAYOUTS, ON_GPU, random_tensor, wide
 
 # (name, input shape, C_out, kernel, stride, padding (top, left, bottom, right), dilation, groups)
 CASES = [
@@ -81,7 +81,7 @@ def check(name, t, out, stride, padding, dilation, groups, activation=None):
 
 
 def check_stats(out, mean, var):
-    assert mean.dtype == var.dtype == (torch.float64 if out.dtype == torch.float64 else torch.float32)
+    assert mean.dtype == var.dtype == wide(out.dtype)
     want_var, want_mean = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)
     terms = out.shape[0] * out.shape[2] * out.shape[3]
     assert_matches_reference("mean", mean, want_mean, terms=terms)

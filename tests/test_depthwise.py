@@ -10,13 +10,14 @@ import fastconv
 from fastconv.activations import ACTIVATION_CODES, apply_activation
 from fastconv.backends import interpreting
 from harness import (
-    DEVICE,
-    LAYOUTS,
     assert_matches_reference,
     backends_under_test,
+    DEVICE,
+    LAYOUTS,
     poisoned_allocations,
     random_tensor,
     run_backend,
+    wide,
 )
 
 BACKENDS = backends_under_test()
@@ -43,7 +44,7 @@ class Case:
             tensors["bias"] = torch.randn(out_channels, device=DEVICE).to(dtype)
         if epilogue:
             # BatchNorm's parameters stay float32 beside half activations (autocast's rule).
-            parameter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            parameter_dtype = wide(dtype)
             tensors["scale"] = (torch.randn(out_channels, device=DEVICE) * 0.5 + 1).to(parameter_dtype)
             tensors["shift"] = torch.randn(out_channels, device=DEVICE).to(parameter_dtype)
         for tensor in tensors.values():

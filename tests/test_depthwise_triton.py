@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastconv.triton_kernels import depthwise
-from harness import DEVICE, assert_batch_stats, random_tensor, seeded
+from harness import DEVICE, assert_batch_stats, random_tensor, seeded, wide
 
 DTYPES = (torch.float32, torch.float16, torch.float64)
 LAYOUTS = ("channels_last", "nchw", "channel_slice", "spatial_slice")
@@ -98,6 +98,5 @@ def test_depthwise_stats_empty_batch(dtype, layout):
     x, weight, bias = depthwise_inputs((0, 4, 5, 5), 3, 2, dtype, layout)
     y, mean, var = depthwise.depthwise_forward_with_stats(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1))
     assert y.shape == (0, 8, 5, 5)
-    assert mean.shape == var.shape == (8,) and mean.dtype == var.dtype == (
-        torch.float64 if dtype == torch.float64 else torch.float32)
+    assert mean.shape == var.shape == (8,) and mean.dtype == var.dtype == wide(dtype)
     assert mean.isnan().all() and var.isnan().all()

@@ -12,13 +12,14 @@ import fastconv
 from fastconv.activations import apply_activation
 from fastconv.ops import pointwise as pointwise_ops
 from harness import (
-    DEVICE,
     assert_matches_reference,
     backends_under_test,
+    DEVICE,
     poisoned_allocations,
     random_tensor,
     run_backend,
     skip_interpreted_bf16_dot,
+    wide,
 )
 
 BACKENDS = backends_under_test(pointwise_ops.FORWARD)
@@ -27,7 +28,7 @@ BACKENDS = backends_under_test(pointwise_ops.FORWARD)
 def make(shape, out_channels, dtype=torch.float32, layout="channels_last", *, bias=True, epilogue=False,
          residual=False, prologue=False, requires_grad=True):  # fmt: skip
     n, c, h, w = shape
-    parameter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    parameter_dtype = wide(dtype)
     t = {"x": random_tensor(shape, dtype, layout)}
     t["weight"] = (torch.randn(out_channels, c, 1, 1, device=DEVICE) / max(c, 1) ** 0.5).to(dtype)
     if bias:

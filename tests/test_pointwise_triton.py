@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastconv.triton_kernels import pointwise
-from harness import DEVICE, assert_batch_stats, random_tensor, seeded
+from harness import DEVICE, assert_batch_stats, random_tensor, seeded, wide
 
 DTYPES = (torch.float32, torch.float16, torch.float64)
 LAYOUTS = ("channels_last", "nchw", "channel_slice", "spatial_slice")
@@ -96,6 +96,5 @@ def test_pointwise_stats_empty_batch(dtype):
     out = torch.empty(0, 6, 5, 5, dtype=dtype, device=DEVICE)
     got, mean, var = pointwise.pointwise_gemm_with_stats(x, weight, out, bias)
     assert got is out
-    assert mean.shape == var.shape == (6,) and mean.dtype == var.dtype == (
-        torch.float64 if dtype == torch.float64 else torch.float32)
+    assert mean.shape == var.shape == (6,) and mean.dtype == var.dtype == wide(dtype)
     assert mean.isnan().all() and var.isnan().all()
