@@ -399,7 +399,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     const at::Tensor& grad_y, const at::Tensor& c, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t activation) {
-  auto [grad_c, grad_weight, grad_bias] =
+  // std::tie, not a structured binding: the dispatch lambda below captures these, which
+  // C++17 (torch 2.11's -std=c++17 build) does not allow for structured bindings.
+  at::Tensor grad_c, grad_weight, grad_bias;
+  std::tie(grad_c, grad_weight, grad_bias) =
       batch_norm_act_backward_meta(grad_y, c, mean, invstd, weight, bias, activation);
   if (c.numel() == 0) {
     // Empty sums: the parameter gradients are exactly zero.
