@@ -38,11 +38,6 @@ namespace {
 
 using namespace bn_train;  // the stage-1 kernels and their helpers
 
-// Autotune op ids (4 bits in tune_key; 0-5 are taken by bn_act, depthwise and the GEMMs).
-constexpr int kOpBnStats = 6;
-constexpr int kOpBnGradSums = 7;
-constexpr int kOpBnGradInput = 8;
-
 // Rows kernels that reduce visit at least this many rows per thread: it bounds the number
 // of parts (the workspace and the second stage) to a small fraction of the tensor traffic.
 constexpr int64_t kMinRowsPerThread = 16;

@@ -22,8 +22,6 @@
 namespace fastconv {
 namespace {
 
-constexpr int kOpBackward = 1;
-
 // Rows of the backward kernel on the kRows path handle at least this many rows per
 // thread, which bounds the workspace to a small fraction of the tensor traffic.
 constexpr int64_t kMinRowsPerThread = 16;
@@ -197,7 +195,7 @@ void backward_typed(const Layout& L, const at::Tensor& g, const at::Tensor& x,
   const Strides<idx_t> gs = strides_of<idx_t>(L, 1);
   const Strides<idx_t> gxs = strides_of<idx_t>(L, 2);
   const int pack = L.vec ? kVec : 1;
-  const uint64_t key = layout_tune_key(kOpBackward, L, x, scale.scalar_type() == at::kFloat);
+  const uint64_t key = layout_tune_key(kOpBnActBackward, L, x, scale.scalar_type() == at::kFloat);
 
   at::Tensor ws;
   int64_t parts = 0;

@@ -10,8 +10,6 @@
 namespace fastconv {
 namespace {
 
-constexpr int kOpForward = 0;
-
 // kRows path. Each thread owns VEC consecutive channels (scale/shift kept in registers)
 // and walks rows with a grid-sized stride, UNROLL rows in flight at a time.
 template <typename T, typename S, typename idx_t, int VEC, int UNROLL>
@@ -111,7 +109,7 @@ void forward_typed(const Layout& L, const at::Tensor& x, const at::Tensor& scale
   const Strides<idx_t> xs = strides_of<idx_t>(L, 0);
   const Strides<idx_t> ys = strides_of<idx_t>(L, 1);
   const int pack = L.vec ? kVec : 1;
-  const uint64_t key = layout_tune_key(kOpForward, L, x, scale.scalar_type() == at::kFloat);
+  const uint64_t key = layout_tune_key(kOpBnActForward, L, x, scale.scalar_type() == at::kFloat);
 
   // Variant v of each path = unroll depth {1, 4}; the pack width is fixed by alignment.
   if (L.path == Path::kRows) {

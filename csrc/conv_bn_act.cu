@@ -267,7 +267,7 @@ Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
       }
     };
     // Timing launches rewrite out and the partials with the same values: harmless.
-    const uint64_t key = gemm_tune_key(x, kOpConv, vec, compute_stats, g.M, g.N, g.K, groups);
+    const uint64_t key = gemm_tune_key(x, kOpConvBnAct, vec, compute_stats, g.M, g.N, g.K, groups);
     launch(pick_variant(key, kNumVariants, default_variant(g.M, g.N), launch));
   });
   if (compute_stats) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "autotune.h"
 #include "checks.h"
 #include "depthwise.h"
 #include "layout.h"

@@ -32,9 +32,7 @@ struct DwConv {
   int act = 0;
 };
 
-// Variant-tuning op codes (tune_key's `op` field; bn_act uses 0 and 1).
-constexpr int kOpDwForward = 2;
-constexpr int kOpDwBackwardInput = 3;
+// `op` below is the call's TuneOp (autotune.h): kOpDwForward or kOpDwBackwardInput.
 
 // Channels-innermost in and out, m == 1, 16-byte packs along channels. Returns false (and
 // launches nothing) when the problem does not qualify.

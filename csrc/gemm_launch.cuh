@@ -18,10 +18,6 @@
 namespace fastconv {
 namespace gemm {
 
-// Variant-tuning op codes (tune_key's `op` field; bn_act uses 0-1, depthwise 2-3).
-constexpr int kOpPointwise = 4;
-constexpr int kOpConv = 5;
-
 // M, K and N are ints in the kernels; tile starts may run one tile past them.
 constexpr int64_t kMaxGemmDim = std::numeric_limits<int32_t>::max() - 1024;
 

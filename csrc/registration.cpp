@@ -6,7 +6,8 @@
 // public, stable schema is the Python custom ops' (torch.ops.fastconv.*); these raw ops are
 // its implementation detail, and one list makes a change to them visible in one diff. The
 // kernels register beside their code, per dispatch key: TORCH_LIBRARY_IMPL(fastconv_cuda,
-// CUDA / Meta, m) in bn_act.cu, depthwise.cu, pointwise.cu, conv_bn_act.cu, batch_norm.cu.
+// CUDA / Meta, m) in bn_act.cu, depthwise.cu, pointwise.cu, conv_bn_act.cu, batch_norm.cu
+// (autotune_choices, which has no tensor to dispatch on, in autotune.cpp).
 //
 // The ops are reached through torch.ops.fastconv_cuda.*, not through pybind bindings:
 // importing fastconv._C just loads this shared object, whose static initializers register
@@ -50,6 +51,9 @@ TORCH_LIBRARY(fastconv_cuda, m) {
   m.def(
       "batch_norm_act_backward(Tensor grad_y, Tensor c, Tensor mean, Tensor invstd, Tensor? weight,"
       " Tensor? bias, int activation) -> (Tensor, Tensor, Tensor)");
+
+  // The autotuner's decisions, one line per key (autotune.cpp).
+  m.def("autotune_choices() -> str[]");
 }
 
 // An empty module: enough for `import fastconv._C` to load the library.
