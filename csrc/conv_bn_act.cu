@@ -242,6 +242,8 @@ Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
   g.shift = channel_vec(shift, keep[2]);
   g.act = static_cast<int>(activation);
   g.C_out = static_cast<int>(geo.C_out);
+  g.a_kfast = channels_innermost(x);
+  g.b_kfast = true;  // rows are K-contiguous
   const int chunks = static_cast<int>((g.M + kStatRows - 1) / kStatRows);
   at::Tensor partial;
   if (compute_stats) {

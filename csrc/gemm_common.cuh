@@ -70,6 +70,9 @@ struct GemmArgs {
   // Statistics: (rough mean, correction, M2, 0) per [ceil(M / kStatRows)][C_out], or null.
   float4* stats;
   int C_out;
+  // Element-wise (!VEC) loads: map each operand's chunks to threads K-fastest (true when
+  // its K elements are near in memory: channels_last x, K-contiguous B) or rows-fastest.
+  bool a_kfast, b_kfast;
 };
 
 // Tile shape: BM x BN outputs, BK16 K elements per stage for 16-bit types (half that for
@@ -267,8 +270,12 @@ __device__ void tile_statistics(const GemmArgs& g, const float (&acc)[Cfg::MT][C
 //     of k..k+V-1 (K % V == 0); otherwise V element loads, each masked by k + i < K.
 //     Out-of-range rows, taps and k give zeros.
 // VEC: 16-byte global loads of A and B along K (host checked strides and alignment);
-// chunks then map K-fastest onto threads so a warp reads whole rows. Scalar mode maps
-// rows fastest, so that a warp reads 32 neighbouring pixels of one channel (NCHW coalesced).
+// chunks then map K-fastest onto threads so a warp reads whole rows. Element-wise mode maps
+// an operand K-fastest too when its K run is near in memory (g.a_kfast: channels_last x, where
+// a chunk's 8 elements are one 16-byte run, so each element load of a warp touches 8 pixels'
+// 64-byte runs instead of 32 pixels' sectors; g.b_kfast: K-contiguous weight rows), else rows
+// fastest, so that a warp reads 32 neighbouring pixels of one channel (NCHW coalesced). The
+// mapping only decides which thread loads a chunk: shared memory, and the result, are the same.
 // The explicit minimum of 1 CTA per SM matters: without it, CUDA 13's ptxas capped the
 // 256-thread variant at 128 registers and spilled 68-92 bytes (and spilled around SiLU's
 // division slow-path call in others); with it every variant compiles spill-free in 96-213
@@ -299,8 +306,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const typename A
   const int tile_n = (pid % per_group) / rows_of_group;
   const int m0 = tile_m * Cfg::BM, n0 = tile_n * Cfg::BN;
 
-  auto chunk_pos = [&](int c, int rows, int& r, int& kc) {
-    if (VEC) {
+  auto chunk_pos = [&](int c, int rows, bool kfast, int& r, int& kc) {
+    if (VEC || kfast) {
       r = c / KC;
       kc = c % KC;
     } else {
@@ -314,7 +321,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const typename A
 #pragma unroll
   for (int i = 0; i < A_PER; ++i) {
     int r, kc;
-    chunk_pos(tid + i * Cfg::kThreads, Cfg::BM, r, kc);
+    chunk_pos(tid + i * Cfg::kThreads, Cfg::BM, g.a_kfast, r, kc);
     a_kc[i] = kc;
     arow[i] = A::row(ap, m0 + r, group);
   }
@@ -325,7 +332,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const typename A
 #pragma unroll
   for (int i = 0; i < B_PER; ++i) {
     int r, kc;
-    chunk_pos(tid + i * Cfg::kThreads, Cfg::BN, r, kc);
+    chunk_pos(tid + i * Cfg::kThreads, Cfg::BN, g.b_kfast, r, kc);
     b_kc[i] = kc;
     b_ok[i] = n0 + r < g.N;
     b_off[i] = (static_cast<int64_t>(group) * g.N + n0 + r) * g.b_sn;
@@ -362,7 +369,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const typename A
       const int c = tid + i * Cfg::kThreads;
       if (!(A_TOTAL % Cfg::kThreads == 0 || c < A_TOTAL)) continue;
       int r, kc;
-      chunk_pos(c, Cfg::BM, r, kc);
+      chunk_pos(c, Cfg::BM, g.a_kfast, r, kc);
       if (g.prologue) {  // on load, in fp32, back to T; padding rows / k stay exactly 0
         const bool row_ok = m0 + r < g.M;
 #pragma unroll
@@ -383,7 +390,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const typename A
       const int c = tid + i * Cfg::kThreads;
       if (!(B_TOTAL % Cfg::kThreads == 0 || c < B_TOTAL)) continue;
       int r, kc;
-      chunk_pos(c, Cfg::BN, r, kc);
+      chunk_pos(c, Cfg::BN, g.b_kfast, r, kc);
       *reinterpret_cast<Chunk<T>*>(Bs + r * LDS + kc * V) = breg[i];
     }
   };

@@ -236,6 +236,8 @@ void pointwise_forward(const at::Tensor& x, const at::Tensor& weight,
   g.prologue = g.in_scale.kind != kVecAbsent || g.in_shift.kind != kVecAbsent || g.in_act != 0;
   g.stats = nullptr;
   g.C_out = g.N;
+  g.a_kfast = channels_innermost(x);
+  g.b_kfast = g.b_sk == 1;
   dispatch_mma_dtype(x.scalar_type(), [&](auto t) {
     run<decltype(t)>(x, w, g, vec, g.prologue, out, res);
   });
