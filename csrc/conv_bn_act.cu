@@ -10,7 +10,6 @@
 // of k is one 16-byte load from a channels_last x).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -18,6 +17,7 @@
 #include <optional>
 #include <tuple>
 
+#include "conv_bn_act.h"
 #include "gemm_launch.cuh"
 
 namespace fastconv {
@@ -218,22 +218,21 @@ Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t Cg = geo.C_in / groups, Ng = geo.C_out / groups;
   const int64_t V = 16 / x.element_size();
-  const int64_t Kg = Cg * geo.KH * geo.KW, Kp = (Kg + V - 1) / V * V;
-  // The weight, packed (groups, C_out_g, KH, KW, C_in_g) -- one K-contiguous row per output
-  // channel, in the loader's k order -- with rows padded to a multiple of 16 bytes so every
-  // B load is one aligned 16-byte chunk. Small: C_out * K values.
-  at::Tensor w = at::zeros({geo.C_out, Kp}, weight.options().memory_format(at::MemoryFormat::Contiguous));
-  w.narrow(1, 0, Kg).copy_(weight.permute({0, 2, 3, 1}).reshape({geo.C_out, Kg}));
+  const int64_t Kg = Cg * geo.KH * geo.KW;
   const auto ps = pixel_strides(x);
   bool vec = x.stride(1) == 1 && Cg % V == 0 && aligned16(x.const_data_ptr());
   for (int64_t s : ps) vec = vec && s % V == 0;
+  // The weight in the loader's k order, one K-contiguous row per output channel (grouped:
+  // group g's rows are rows g*C_out_g...): in place when it is channels_last, else a cached
+  // repacked copy (conv_bn_act_weight.cpp).
+  const PackedWeight w = packed_conv_weight(weight, vec);
 
   GemmArgs g{};
   g.M = static_cast<int>(geo.N * geo.Ho * geo.Wo);
   g.K = static_cast<int>(Kg);
   g.N = static_cast<int>(Ng);
-  g.b = w.const_data_ptr();
-  g.b_sn = Kp;
+  g.b = w.rows.const_data_ptr();
+  g.b_sn = w.row_stride;
   g.b_sk = 1;
   set_output(g, out, Ng);
   at::Tensor keep[3];
