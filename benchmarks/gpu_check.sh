@@ -265,10 +265,8 @@ step build "0" bash -c "$(declare -f install_and_build); install_and_build"
 # 3. Which backends can run now.
 step backends "0" "$PY" -c '
 import sys, fastconv
-status = fastconv.backends.available()
-for name, s in status.items():
-    print(name.ljust(8), "available" if s.available else "UNAVAILABLE: " + s.reason)
-sys.exit(0 if all(s.available for s in status.values()) else 1)'
+print(fastconv.backends.report())
+sys.exit(0 if all(s.available for s in fastconv.backends.available().values()) else 1)'
 
 # 4. Correctness first: the small sanitizer-named tests on both GPU backends (cuda, triton).
 pytest_step smoke "0" -- -m gpu -k sanitizer -rfEs --tb=short

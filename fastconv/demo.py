@@ -92,11 +92,8 @@ def _conv_bn_act_cases(device: torch.device):
 def correctness_demo() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"fastconv {fastconv.__version__}, torch {torch.__version__}, device {device}")
-    runnable = []
-    for name, status in fastconv.backends.available().items():
-        print(f"  backend {name:7s} {'available' if status.available else 'unavailable: ' + status.reason}")
-        if status.available:
-            runnable.append(name)
+    print(fastconv.backends.report())
+    runnable = [name for name, status in fastconv.backends.available().items() if status.available]
     print()
     print(f"{'op':18s} {'backend':8s} {'dtype':9s} {'layout':14s} {'max error':>10s} {'allowed':>9s}  verdict")
     failures = 0
