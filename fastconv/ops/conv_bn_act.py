@@ -35,6 +35,7 @@ from fastconv.backends import OpImplementations, get_backend, use_backend
 from fastconv.activations import activation_code
 from fastconv.ops import depthwise as depthwise_ops
 from fastconv.ops import pointwise as pointwise_ops
+from fastconv.ops._autocast import register_autocast
 from fastconv.ops._common import (
     allow_tf32,
     autocast_inputs,
@@ -283,6 +284,7 @@ def _backward_forward(ctx, grad_y):
 
 
 conv2d_bn_act_op.register_autograd(_backward_forward, setup_context=_setup_forward)
+register_autocast(conv2d_bn_act_op, cast=("x", "weight", "bias"))
 
 
 def _setup_stats(ctx, inputs, output) -> None:
@@ -303,6 +305,7 @@ def _backward_stats(ctx, grad_c, _grad_mean, _grad_var):
 
 
 conv2d_batch_stats_op.register_autograd(_backward_stats, setup_context=_setup_stats)
+register_autocast(conv2d_batch_stats_op, cast=("x", "weight", "bias"))
 
 
 # Routing and the public function ---------------------------------------------------------------

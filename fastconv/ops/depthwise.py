@@ -19,6 +19,7 @@ from fastconv._geometry import empty_output, normalise_geometry
 from fastconv._validation import check_same_dtype, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
+from fastconv.ops._autocast import register_autocast
 from fastconv.ops._common import (
     autocast_inputs,
     call_key,
@@ -292,6 +293,7 @@ def _backward(ctx, grad_y):
 
 
 depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(depthwise_conv2d_op, cast=("x", "weight", "bias"))
 
 
 # Public function --------------------------------------------------------------------------

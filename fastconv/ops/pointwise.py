@@ -24,6 +24,7 @@ from fastconv._geometry import accumulate_dtype, empty_output
 from fastconv._validation import check_channel_vector, check_rank, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
+from fastconv.ops._autocast import register_autocast
 from fastconv.ops._common import (
     NCHW,
     allow_tf32,
@@ -396,6 +397,7 @@ def _backward(ctx, grad_y):
 
 
 pointwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(pointwise_conv2d_op, cast=("x", "weight", "bias", "residual"))
 
 
 # Public function -----------------------------------------------------------------------------
