@@ -255,11 +255,10 @@ def _run_ninja_quietly(build_directory, verbose, error_prefix):
 
 
 def _quiet_ninja():
-    """Route BuildExtension's ninja run through _run_ninja_quietly, unless asked for verbose
-    output or torch's helper has another signature than the (build_directory, verbose,
-    error_prefix) of torch 2.11 and 2.14, in which case torch's own runs."""
-    if os.environ.get("FASTCONV_VERBOSE_BUILD", "") not in ("", "0"):
-        return
+    """Route BuildExtension's ninja run through _run_ninja_quietly; with FASTCONV_VERBOSE_BUILD=1,
+    through torch's own runner, verbose whatever setuptools' verbosity (`setup.py -q` makes it
+    silent). Left alone when torch's helper has another signature than the (build_directory,
+    verbose, error_prefix) of torch 2.11 and 2.14."""
     import inspect
 
     import torch
@@ -271,9 +270,12 @@ def _quiet_ninja():
     except (TypeError, ValueError):
         params = None
     if params != ["build_directory", "verbose", "error_prefix"]:
-        print(f"fastconv: torch {torch.__version__}'s ninja runner "
-              f"takes {params}, not (build_directory, verbose, error_prefix): full build output",
-              flush=True)
+        print(f"fastconv: torch {torch.__version__}'s ninja runner takes {params}, not "
+              "(build_directory, verbose, error_prefix): torch's own output", flush=True)
+        return
+    if os.environ.get("FASTCONV_VERBOSE_BUILD", "") not in ("", "0"):
+        cpp_extension._run_ninja_build = (
+            lambda build_directory, verbose, error_prefix: original(build_directory, True, error_prefix))
         return
     cpp_extension._run_ninja_build = _run_ninja_quietly
 
