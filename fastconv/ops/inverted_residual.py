@@ -1,0 +1,375 @@
+"""fastconv::inverted_residual: the MobileNetV2 inverted residual and the depthwise-separable
+(MobileNetV1) block as one op, the expanded tensor never in memory on the triton backend.
+
+    e = act_e(conv1x1(x, expand_weight) * expand_scale + expand_shift)     (absent: e = x)
+    d = act_d(dwconv(e, dw_weight, stride, padding, dilation) * dw_scale + dw_shift)
+    y = act_p(conv1x1(d, project_weight) * project_scale + project_shift) (+ residual)
+
+One schema serves both blocks: the depthwise-separable block is the inverted residual without
+the expansion (expand_weight None), with an activation after the projection. The public
+functions `inverted_residual` and `depthwise_separable_conv2d` fill in its arguments.
+
+Backends: `triton` is the fused kernel (triton_kernels/inverted_residual.py; scales folded into
+the weights on the host per call, a weight-sized multiply that the modules avoid by passing
+folded weights and no scales); `torch` is the unfused reference chain (fastconv.reference),
+also the CPU default and the float64 path. No `cuda` kernel yet.
+
+Inference only: the fused op has no backward. When gradients are wanted the public functions
+run the same chain as fastconv's unfused, differentiable ops (pointwise_conv2d,
+depthwise_conv2d), and a backward through a direct torch.ops call raises, saying so, rather
+than return no gradients. The modules' training path is the unfused ops too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fastconv import reference
+from fastconv._geometry import empty_output, normalise_geometry
+from fastconv._validation import check_channel_vector, check_shape, fail
+from fastconv.activations import activation_code
+from fastconv.backends import OpImplementations
+from fastconv.ops._common import (
+    allow_tf32,
+    autocast_inputs,
+    call_key,
+    check_activation_input,
+    check_like,
+    contiguous_vectors,
+    conv_output_size,
+    refuse_float64,
+)
+
+# The schema's arguments after (x, expand_weight, dw_weight, project_weight), in order.
+_OPTIONS = (
+    "stride", "padding", "dilation", "expand_scale", "expand_shift", "expand_activation", "dw_scale", "dw_shift",
+    "dw_activation", "project_scale", "project_shift", "project_activation", "residual",
+)  # fmt: skip
+
+
+def _check_weight(name: str, weight: torch.Tensor, x: torch.Tensor, shape_text: str, rows: int, columns: int,
+                  columns_from: str) -> None:  # fmt: skip
+    """A (rows, columns, 1, 1) 1x1 weight; `columns_from` says where the column count comes from."""
+    check_like(name, weight, x)
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
+        fail(f"{name} must have shape {shape_text}, a 1x1 conv; got {tuple(weight.shape)}")
+    if weight.shape[1] != columns:
+        fail(f"{name}.shape[1] must equal {columns_from} {columns}; got {weight.shape[1]}")
+    if rows is not None and weight.shape[0] != rows:
+        fail(f"{name}.shape[0] must equal {rows}; got {weight.shape[0]}")
+
+
+def _check(x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale, expand_shift,
+           expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift, project_activation,
+           residual) -> tuple:  # fmt: skip
+    """Checks every argument; returns the output shape."""
+    check_activation_input(x)
+    c_in = x.shape[1]
+    if expand_weight is not None:
+        _check_weight("expand_weight", expand_weight, x, "(C_hid, C_in, 1, 1)", None, c_in, "x's input channels")
+        hidden, hidden_from = expand_weight.shape[0], "expand_weight's output channels"
+    else:
+        for name, value in (("expand_scale", expand_scale), ("expand_shift", expand_shift)):
+            if value is not None:
+                fail(f"{name} must be None when expand_weight is None (no expansion); got a tensor")
+        if expand_activation is not None:
+            fail(f"expand_activation must be None when expand_weight is None (no expansion); got {expand_activation!r}")
+        hidden, hidden_from = c_in, "x's channels (no expansion)"
+    check_like("dw_weight", dw_weight, x)
+    if dw_weight.dim() != 4 or dw_weight.shape[1] != 1:
+        fail(f"dw_weight must have shape (C_hid, 1, kh, kw), a depthwise conv; got {tuple(dw_weight.shape)}")
+    if dw_weight.shape[0] != hidden:
+        fail(f"dw_weight.shape[0] must equal {hidden_from} {hidden}; got {dw_weight.shape[0]}")
+    if hidden == 0:
+        fail("the hidden width (dw_weight.shape[0]) must be >= 1; got 0")
+    _check_weight("project_weight", project_weight, x, "(C_out, C_hid, 1, 1)", None, hidden, "dw_weight's channels")
+    c_out = project_weight.shape[0]
+    height, width = conv_output_size(x, dw_weight, tuple(stride), tuple(padding), tuple(dilation))
+    for name, vector, length, per in (
+        ("expand_scale", expand_scale, hidden, "hidden channel"), ("expand_shift", expand_shift, hidden, "hidden channel"),
+        ("dw_scale", dw_scale, hidden, "hidden channel"), ("dw_shift", dw_shift, hidden, "hidden channel"),
+        ("project_scale", project_scale, c_out, "output channel"), ("project_shift", project_shift, c_out, "output channel"),
+    ):  # fmt: skip
+        check_channel_vector(vector, name, length, x, per=per)
+    for name, activation in (("expand_activation", expand_activation), ("dw_activation", dw_activation),
+                             ("project_activation", project_activation)):  # fmt: skip
+        activation_code(activation, name)
+    shape = (x.shape[0], c_out, height, width)
+    if residual is not None:
+        check_like("residual", residual, x)
+        check_shape(residual, "residual", shape)
+    return shape
+
+
+# Backend implementations: each writes into `out` -------------------------------------------------
+
+
+def _forward_torch(*, out, x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale,
+                   expand_shift, expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift,
+                   project_activation, residual):  # fmt: skip
+    """The unfused chain, each intermediate written in x's dtype as eager PyTorch would."""
+    h = x
+    if expand_weight is not None:
+        h = reference.pointwise_conv2d(h, expand_weight, None, expand_scale, expand_shift, expand_activation)
+    h = reference.depthwise_conv2d(h, dw_weight, None, stride, padding, dilation, dw_scale, dw_shift, dw_activation)
+    y = reference.pointwise_conv2d(h, project_weight, None, project_scale, project_shift, project_activation, residual)
+    return out.copy_(y)
+
+
+def _fold(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """weight (rows, ...) as a 2-D (rows, columns) matrix with row r multiplied by scale[r], in
+    fp32 and rounded back to the weight's dtype once (what the modules' cached fold does)."""
+    matrix = weight.reshape(weight.shape[0], -1)
+    if scale is None:
+        return matrix
+    return (matrix.float() * scale.float()[:, None]).to(weight.dtype)
+
+
+def _forward_triton(*, out, x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale,
+                    expand_shift, expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift,
+                    project_activation, residual):  # fmt: skip
+    from fastconv.triton_kernels import inverted_residual
+
+    expand = _fold(expand_weight, expand_scale) if expand_weight is not None else None
+    expand_shift, dw_shift, project_shift = contiguous_vectors(expand_shift, dw_shift, project_shift)
+    return inverted_residual.fused_block(
+        x, expand, expand_shift, _fold(dw_weight, dw_scale), dw_shift, _fold(project_weight, project_scale),
+        project_shift, out, tuple(dw_weight.shape[2:]), stride[0], (padding[0], padding[1]), dilation[0],
+        activation_code(expand_activation), activation_code(dw_activation), activation_code(project_activation),
+        residual, allow_tf32(),
+    )  # fmt: skip
+
+
+def _triton_supports(**arguments) -> Optional[str]:
+    why = refuse_float64("x")(**arguments)
+    if why is not None:
+        return "its fused kernel takes float32, float16 and bfloat16 (the torch backend runs float64); got float64"
+    stride, dilation = arguments["stride"], arguments["dilation"]
+    if stride[0] != stride[1] or dilation[0] != dilation[1]:
+        return f"its kernel takes the same stride and dilation along both axes; got stride {list(stride)}, dilation {list(dilation)}"
+    return None
+
+
+FORWARD = OpImplementations("inverted_residual")
+FORWARD.register("triton", _forward_triton, _triton_supports)
+FORWARD.register("torch", _forward_torch)
+
+
+# Registered op ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastconv::inverted_residual", mutates_args=())
+def inverted_residual_op(
+    x: torch.Tensor,
+    expand_weight: Optional[torch.Tensor],
+    dw_weight: torch.Tensor,
+    project_weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    expand_scale: Optional[torch.Tensor],
+    expand_shift: Optional[torch.Tensor],
+    expand_activation: Optional[str],
+    dw_scale: Optional[torch.Tensor],
+    dw_shift: Optional[torch.Tensor],
+    dw_activation: Optional[str],
+    project_scale: Optional[torch.Tensor],
+    project_shift: Optional[torch.Tensor],
+    project_activation: Optional[str],
+    residual: Optional[torch.Tensor],
+) -> torch.Tensor:
+    options = dict(zip(_OPTIONS, (
+        tuple(stride), tuple(padding), tuple(dilation), expand_scale, expand_shift, expand_activation, dw_scale,
+        dw_shift, dw_activation, project_scale, project_shift, project_activation, residual,
+    )))  # fmt: skip
+    out = empty_output(_check(x, expand_weight, dw_weight, project_weight, **options), x)
+    if out.numel() == 0:
+        return out
+    key = call_key(x, expand_weight, dw_weight, project_weight, *options.values())
+    return FORWARD(
+        x.device, key, out=out, x=x, expand_weight=expand_weight, dw_weight=dw_weight, project_weight=project_weight,
+        **options,
+    )  # fmt: skip
+
+
+@inverted_residual_op.register_fake
+def _(x, expand_weight, dw_weight, project_weight, *options):
+    return empty_output(_check(x, expand_weight, dw_weight, project_weight, *options), x)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _backward(ctx, grad_y):
+    # Reached only through a direct torch.ops call with inputs that want gradients (the public
+    # functions route those calls to the unfused ops): say so instead of returning zeros.
+    raise RuntimeError(
+        "fastconv: torch.ops.fastconv.inverted_residual is inference-only (no fused backward yet); call "
+        "fastconv.inverted_residual or fastconv.depthwise_separable_conv2d, which run fastconv's unfused "
+        "differentiable ops when gradients are wanted"
+    )
+
+
+inverted_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The unfused, differentiable chain -------------------------------------------------------------
+
+
+def _unfused(x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale, expand_shift,
+             expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift, project_activation,
+             residual):  # fmt: skip
+    """The block as fastconv's own unfused ops, each with its autograd: the path that gradients
+    take (the fused op has none yet). Checked first as the fused op checks, so both paths refuse
+    the same calls with the same messages."""
+    _check(x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale, expand_shift,
+           expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift, project_activation,
+           residual)  # fmt: skip
+    ops = torch.ops.fastconv
+    h = x
+    if expand_weight is not None:
+        h = ops.pointwise_conv2d(h, expand_weight, scale=expand_scale, shift=expand_shift, activation=expand_activation)
+    h = ops.depthwise_conv2d(h, dw_weight, None, stride, padding, dilation, dw_scale, dw_shift, dw_activation)
+    return ops.pointwise_conv2d(
+        h, project_weight, scale=project_scale, shift=project_shift, activation=project_activation, residual=residual
+    )
+
+
+def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _run(x, expand_weight, dw_weight, project_weight, stride, padding, dilation, vectors: dict, activations: dict,
+         residual):  # fmt: skip
+    if not isinstance(x, torch.Tensor) or not isinstance(dw_weight, torch.Tensor) or not isinstance(project_weight, torch.Tensor):
+        fail(f"x, dw_weight and project_weight must be tensors; got {type(x).__name__}, {type(dw_weight).__name__} "
+             f"and {type(project_weight).__name__}")  # fmt: skip
+    if dw_weight.dim() != 4:
+        fail(f"dw_weight must have shape (C_hid, 1, kh, kw), a depthwise conv; got {tuple(dw_weight.shape)}")
+    stride_, padding_, dilation_ = normalise_geometry(tuple(dw_weight.shape[2:]), stride, padding, dilation)
+    x, expand_weight, dw_weight, project_weight, residual = autocast_inputs(x, expand_weight, dw_weight, project_weight, residual)
+    args = (
+        x, expand_weight, dw_weight, project_weight, stride_, padding_, dilation_,
+        vectors["expand_scale"], vectors["expand_shift"], activations["expand"],
+        vectors["dw_scale"], vectors["dw_shift"], activations["dw"],
+        vectors["project_scale"], vectors["project_shift"], activations["project"], residual,
+    )  # fmt: skip
+    if _wants_grad(x, expand_weight, dw_weight, project_weight, residual, *vectors.values()):
+        return _unfused(*args)
+    return torch.ops.fastconv.inverted_residual(*args)
+
+
+# Public functions ----------------------------------------------------------------------------
+
+
+def inverted_residual(
+    x: torch.Tensor,
+    expand_weight: Optional[torch.Tensor],
+    dw_weight: torch.Tensor,
+    project_weight: torch.Tensor,
+    *,
+    stride=1,
+    expand_scale: Optional[torch.Tensor] = None,
+    expand_shift: Optional[torch.Tensor] = None,
+    dw_scale: Optional[torch.Tensor] = None,
+    dw_shift: Optional[torch.Tensor] = None,
+    project_scale: Optional[torch.Tensor] = None,
+    project_shift: Optional[torch.Tensor] = None,
+    activation: Optional[str] = "relu6",
+    use_residual: bool = False,
+    padding=None,
+    dilation=1,
+) -> torch.Tensor:
+    """MobileNetV2's inverted residual with its BatchNorms folded, fused into one kernel.
+
+    y = bn_p(conv1x1(act(bn_d(dw(act(bn_e(conv1x1(x, expand_weight))), dw_weight))), project_weight)) (+ x)
+
+    Each bn_* is `v * scale + shift` per channel (a folded BatchNorm; None is 1 or 0). The
+    projection is linear, as in MobileNetV2.
+
+    Args:
+        x: (N, C_in, H, W) in fp32, fp16 or bf16 (fp64 on the torch backend); channels_last is
+            the kernel's layout, a channel slice of a channels_last buffer is read in place, and
+            NCHW is converted to channels_last once (one copy of x) before the kernel.
+        expand_weight: (C_hid, C_in, 1, 1), or None for expansion ratio 1 (MobileNetV2's first
+            block: the depthwise reads x, and expand_scale/expand_shift must be None).
+        dw_weight: (C_hid, 1, k, k). project_weight: (C_out, C_hid, 1, 1). All in x's dtype.
+        stride: 1 or 2 (an int or a pair). padding: default (k - 1) // 2 * dilation.
+        expand_scale, expand_shift, dw_scale, dw_shift: (C_hid,); project_scale, project_shift:
+            (C_out,); x's dtype or float32.
+        activation: after the expansion and the depthwise conv: "relu6" (MobileNetV2's), "relu",
+            "silu", "hardswish" or None.
+        use_residual: add x to the output; needs stride 1 and C_in == C_out.
+
+    Returns:
+        (N, C_out, Ho, Wo) in x's dtype, channels_last when x's channels are innermost.
+        Differentiable: when gradients are wanted it runs fastconv's unfused ops instead of the
+        fused kernel (which has no backward yet).
+    """
+    if not isinstance(dw_weight, torch.Tensor) or dw_weight.dim() != 4:
+        fail(f"dw_weight must be a 4-D tensor (C_hid, 1, kh, kw); got {getattr(dw_weight, 'shape', type(dw_weight).__name__)}")
+    kernel = tuple(dw_weight.shape[2:])
+    dilation_ = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    if padding is None:
+        padding = tuple((k - 1) // 2 * d for k, d in zip(kernel, dilation_))
+    residual = None
+    if use_residual:
+        if not isinstance(x, torch.Tensor) or not isinstance(project_weight, torch.Tensor):
+            fail("x and project_weight must be tensors")
+        stride_pair = (stride, stride) if isinstance(stride, int) else tuple(stride)
+        if tuple(stride_pair) != (1, 1):
+            fail(f"use_residual needs stride 1 (the output has x's size); got stride {stride!r}")
+        if project_weight.shape[0] != x.shape[1]:
+            fail(
+                f"use_residual needs project_weight.shape[0] (C_out) equal to x's {x.shape[1]} channels (C_in); "
+                f"got {project_weight.shape[0]}"
+            )
+        residual = x
+    vectors = dict(expand_scale=expand_scale, expand_shift=expand_shift, dw_scale=dw_scale, dw_shift=dw_shift,
+                   project_scale=project_scale, project_shift=project_shift)  # fmt: skip
+    activations = dict(expand=activation if expand_weight is not None else None, dw=activation, project=None)
+    return _run(x, expand_weight, dw_weight, project_weight, stride, padding, dilation, vectors, activations, residual)
+
+
+def depthwise_separable_conv2d(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    pw_weight: torch.Tensor,
+    *,
+    stride=1,
+    padding=1,
+    dilation=1,
+    dw_scale: Optional[torch.Tensor] = None,
+    dw_shift: Optional[torch.Tensor] = None,
+    dw_activation: Optional[str] = "relu6",
+    pw_scale: Optional[torch.Tensor] = None,
+    pw_shift: Optional[torch.Tensor] = None,
+    pw_activation: Optional[str] = "relu6",
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The MobileNetV1 block (timm's DepthwiseSeparableConv without SE), fused into one kernel:
+
+    y = pw_act(conv1x1(dw_act(dw(x, dw_weight) * dw_scale + dw_shift), pw_weight) * pw_scale + pw_shift) (+ residual)
+
+    It is the inverted residual without the expansion (the same op and kernel).
+
+    Args:
+        x: (N, C, H, W); layouts as in `inverted_residual` (NCHW converted to channels_last once).
+        dw_weight: (C, 1, k, k). pw_weight: (C_out, C, 1, 1). In x's dtype.
+        stride, padding, dilation: the depthwise conv's, as F.conv2d takes them (padding may be
+            an int, a pair, "same" or "valid"; the default 1 suits k = 3).
+        dw_scale, dw_shift: (C,); pw_scale, pw_shift: (C_out,): folded BatchNorms, x's dtype or fp32.
+        dw_activation, pw_activation: None, "relu", "relu6", "silu" or "hardswish".
+        residual: (N, C_out, Ho, Wo) or None, added after pw_activation.
+
+    Returns:
+        (N, C_out, Ho, Wo) in x's dtype, channels_last when x's channels are innermost;
+        differentiable through fastconv's unfused ops, as `inverted_residual`.
+    """
+    vectors = dict(expand_scale=None, expand_shift=None, dw_scale=dw_scale, dw_shift=dw_shift, project_scale=pw_scale,
+                   project_shift=pw_shift)  # fmt: skip
+    activations = dict(expand=None, dw=dw_activation, project=pw_activation)
+    return _run(x, None, dw_weight, pw_weight, stride, padding, dilation, vectors, activations, residual)

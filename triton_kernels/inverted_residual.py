@@ -1,0 +1,325 @@
+"""The MobileNetV2 inverted residual and the depthwise-separable (MobileNetV1) block as one
+Triton kernel each call, inference only: the expanded tensor never reaches memory.
+
+    e = act_e(x @ We^T + b_e)            1x1 expansion, C_in -> C_hid       (absent: e = x)
+    d = act_d(dwKxK(e, Wd) + b_d)        depthwise k x k, stride s, C_hid
+    y = act_p(d @ Wp^T + b_p) (+ r)      1x1 projection, C_hid -> C_out; r the residual
+
+The BatchNorms are folded on the host (the module's job, or the op's when it is given scales):
+each scale into its weight's rows, each shift a bias here. The depthwise-separable block is
+the inverted residual without the expansion (expand_weight None: the depthwise reads x), so
+this one kernel serves both, and `act_p` is None for the inverted residual's linear projection.
+
+Tiling. A program owns BLOCK_P output pixels x BLOCK_CO output channels and loops over the
+hidden channels in chunks of BLOCK_H. For each chunk and each of the k*k taps it gathers the x
+rows of the tap's input pixels ([BLOCK_P, C_in] in BLOCK_K steps, masked), runs the expansion
+on the tensor cores (tl.dot, fp32 accumulation), adds b_e, applies act_e, and ZEROES the taps
+that fall in the padding: the padding belongs to the expanded tensor, and act_e(b_e) of a
+padding tap is not zero (relu6 of a positive shift). The tap is then multiplied by its depthwise
+weights and accumulated in fp32 registers; after the taps come b_d and act_d, the chunk is
+rounded to the dot dtype (as PyTorch's own chain rounds every intermediate) and tl.dot adds it
+into the [BLOCK_P, BLOCK_CO] projection accumulator. After the loop: b_p, act_p, the residual,
+one store.
+
+The price of this first version: no spatial tile plus halo is kept in shared memory, so the
+expansion is recomputed once per tap (x9 for 3x3) and once per output-channel block (the grid's
+second axis, cdiv(C_out, BLOCK_CO) programs per pixel block, each redoing expansion and
+depthwise), and the x rows are re-read from L1/L2 for every (hidden chunk, tap). `traffic()`
+counts those FLOPs and bytes against the block-I/O floor so that the benchmark and issue 11's
+"bytes against the block-I/O floor" figure need no GPU. Unmeasured on a GPU.
+
+Registers: the live fp32 tiles are the depthwise accumulator and the expanded tap, BLOCK_P x
+BLOCK_H each, and the projection accumulator BLOCK_P x BLOCK_CO. The GPU default (64, 32, 64)
+holds 2*64*32 + 64*64 = 8192 fp32 values, 64 per thread at 4 warps, below the 255-register
+limit with room for the operand tiles; the larger configs double that at 8 warps.
+
+Layouts: every tensor is read through its strides. NCHW x is converted once, at the boundary,
+to channels_last (one copy of x: the gathers read C_in contiguous channels per pixel, which
+NCHW would turn into C_in scattered loads); a channel slice of a channels_last buffer is read
+in place. The output is written through its strides in whatever layout the caller allocated.
+fp32, fp16 and bf16 inputs, fp32 accumulation; fp32 dots run in full precision unless TF32 is
+allowed. float64 is the op's torch backend's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastconv._geometry import channels_innermost, output_size
+from fastconv.triton_kernels._indexing import needs_64bit_index
+from fastconv.triton_kernels._tuning import autotune, interpreter_first
+from fastconv.triton_kernels.activations import apply_activation
+
+# Offsets past 2**31 - 1 - this take the 64-bit path: a block of masked overshoot times a stride.
+_INDEX_HEADROOM = 2**24
+
+_CONFIGS = interpreter_first(
+    # The interpreter pays per program and per op, not per element: one big pixel tile (a
+    # 9x9 test image is one program, C_out up to 512 one column) and wide chunks (a 960-wide
+    # hidden layer in 8 steps): a 160 -> 960 -> 320 block on 7x7 takes about 8 s
+    # in the interpreter (one program, 8 chunks x 9 taps x 2 K steps).
+    triton.Config({"BLOCK_P": 128, "BLOCK_H": 128, "BLOCK_CO": 512, "BLOCK_K": 128}, num_warps=4),
+    [
+        # The moderate default first (FASTCONV_TRITON_AUTOTUNE=0 runs only it): see Registers.
+        triton.Config({"BLOCK_P": 64, "BLOCK_H": 32, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_H": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 128, "BLOCK_H": 32, "BLOCK_CO": 32, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 32, "BLOCK_H": 32, "BLOCK_CO": 128, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 32, "BLOCK_H": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 16, "BLOCK_H": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    ],
+)
+
+
+@triton.jit
+def _dot(a, b, acc, TF32: tl.constexpr):
+    if TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _bias(ptr, index, mask, HAS: tl.constexpr):
+    """ptr[index] in fp32 as a row to broadcast, or 0 when absent."""
+    if HAS:
+        return tl.load(ptr + index, mask=mask, other=0.0).to(tl.float32)[None, :]
+    return 0.0
+
+
+@autotune(
+    configs=_CONFIGS,
+    key=["P", "C_IN", "C_HID", "C_OUT", "KH", "KW", "STRIDE", "DILATION", "HAS_EXPAND", "HAS_RESIDUAL", "TF32"],
+)
+@triton.jit
+def _fused_block(
+    x_ptr, we_ptr, be_ptr, wd_ptr, bd_ptr, wp_ptr, bp_ptr, r_ptr, out_ptr,  # absent: a dummy pointer
+    P, H, W, HO, WO, C_IN, C_HID, C_OUT,  # P = N*HO*WO output pixels
+    pad_top, pad_left,
+    x_sn, x_sc, x_sh, x_sw,
+    we_sh, we_sk,  # expansion weight (C_hid, C_in): strides over hidden and input channel
+    wd_sh, wd_st,  # depthwise weight (C_hid, KH*KW): strides over hidden channel and tap
+    wp_so, wp_sh,  # projection weight (C_out, C_hid)
+    r_sn, r_sc, r_sh, r_sw,
+    o_sn, o_sc, o_sh, o_sw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr,
+    HAS_EXPAND: tl.constexpr, HAS_BE: tl.constexpr, HAS_BD: tl.constexpr, HAS_BP: tl.constexpr,
+    ACT_E: tl.constexpr, ACT_D: tl.constexpr, ACT_P: tl.constexpr,  # codes of fastconv.activations
+    HAS_RESIDUAL: tl.constexpr, TF32: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    dot_dtype = x_ptr.dtype.element_ty
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    if INDEX_64:
+        pid_p = pid_p.to(tl.int64)
+    pixels = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = pixels < P
+    ow = pixels % WO
+    rest = pixels // WO
+    oh = rest % HO
+    n = rest // HO
+    cos = pid_o * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = cos < C_OUT
+    ih0 = oh * STRIDE - pad_top
+    iw0 = ow * STRIDE - pad_left
+    x_pixel = n * x_sn
+
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    for h0 in range(0, C_HID, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < C_HID
+        b_e = _bias(be_ptr, hs, h_mask, HAS_BE)
+        d = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+        # A run-time loop over taps: 3x3 and 5x5 alike compile to one body (an unrolled 5x5 of
+        # nested GEMM loops would take LLVM minutes), and the per-tap index math is a few
+        # integer ops against a [BLOCK_P, C_in] x [C_in, BLOCK_H] GEMM.
+        for tap in range(KH * KW):
+            ih = ih0 + (tap // KW) * DILATION
+            iw = iw0 + (tap % KW) * DILATION
+            inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            rows = x_pixel + ih * x_sh + iw * x_sw
+            if HAS_EXPAND:
+                e = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+                for k0 in range(0, C_IN, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = ks < C_IN
+                    a = tl.load(x_ptr + rows[:, None] + (ks * x_sc)[None, :],
+                                mask=inside[:, None] & k_mask[None, :], other=0.0)
+                    # Masked k rows of the weight are zero, so masked lanes of a add nothing.
+                    b = tl.load(we_ptr + (ks * we_sk)[:, None] + (hs * we_sh)[None, :],
+                                mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+                    e = _dot(a, b.to(dot_dtype), e, TF32)
+                e = apply_activation(e + b_e, ACT_E)
+                # The zero padding is the expanded tensor's: act_e(b_e) must not leak in.
+                e = tl.where(inside[:, None], e, 0.0)
+            else:
+                e = tl.load(x_ptr + rows[:, None] + (hs * x_sc)[None, :],
+                            mask=inside[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+            w_tap = tl.load(wd_ptr + hs * wd_sh + tap * wd_st, mask=h_mask, other=0.0).to(tl.float32)
+            d += e * w_tap[None, :]
+        d = apply_activation(d + _bias(bd_ptr, hs, h_mask, HAS_BD), ACT_D)
+        # Masked hidden rows of the projection weight are zero: d's masked columns add nothing.
+        wp = tl.load(wp_ptr + (hs * wp_sh)[:, None] + (cos * wp_so)[None, :],
+                     mask=h_mask[:, None] & co_mask[None, :], other=0.0)
+        acc = _dot(d.to(dot_dtype), wp.to(dot_dtype), acc, TF32)
+
+    v = apply_activation(acc + _bias(bp_ptr, cos, co_mask, HAS_BP), ACT_P)
+    out_mask = p_mask[:, None] & co_mask[None, :]
+    if HAS_RESIDUAL:
+        r_offsets = (n * r_sn + oh * r_sh + ow * r_sw)[:, None] + (cos * r_sc)[None, :]
+        v += tl.load(r_ptr + r_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    o_offsets = (n * o_sn + oh * o_sh + ow * o_sw)[:, None] + (cos * o_sc)[None, :]
+    tl.store(out_ptr + o_offsets, v.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side.
+
+
+def fused_block(
+    x: torch.Tensor,
+    expand_weight: Optional[torch.Tensor],
+    expand_bias: Optional[torch.Tensor],
+    dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor],
+    project_weight: torch.Tensor,
+    project_bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: int,
+    padding: tuple[int, int],
+    dilation: int = 1,
+    expand_activation: int = 0,
+    dw_activation: int = 0,
+    project_activation: int = 0,
+    residual: Optional[torch.Tensor] = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """Writes the fused block into `out` (N, C_out, Ho, Wo, any strides, x's dtype); returns it.
+
+    Weights are 2-D with any strides: expand (C_hid, C_in) or None, dw (C_hid, kh*kw) with the
+    taps row-major (kernel_size = (kh, kw)), project (C_out, C_hid); BatchNorm scales already folded into them, shifts
+    given as the fp32 (or x-dtype) biases. padding is (top, left); Ho and Wo come from out.
+    residual (N, C_out, Ho, Wo) is added after the projection's activation. Activation codes as
+    in fastconv.activations. Checks are the op's; this only asserts the shapes it indexes by.
+    """
+    N, C_in, H, W = x.shape
+    C_hid = dw_weight.shape[0]
+    C_out = project_weight.shape[0]
+    HO, WO = out.shape[2], out.shape[3]
+    kh, kw = kernel_size
+    assert kh * kw == dw_weight.shape[1], "dw_weight must be (C_hid, kh*kw)"
+    assert project_weight.shape[1] == C_hid and (expand_weight is not None or C_hid == C_in)
+    assert tuple(out.shape) == (N, C_out, HO, WO)
+    P = N * HO * WO
+    if P == 0 or C_out == 0:
+        return out
+    if not channels_innermost(x) and C_in > 1:
+        x = x.contiguous(memory_format=torch.channels_last)  # the one conversion: see the docstring
+    dummy = x
+    we = expand_weight if expand_weight is not None else dummy
+    r = residual if residual is not None else dummy
+    r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    flags = dict(
+        KH=kh, KW=kw, STRIDE=int(stride), DILATION=int(dilation),
+        HAS_EXPAND=expand_weight is not None, HAS_BE=expand_bias is not None, HAS_BD=dw_bias is not None,
+        HAS_BP=project_bias is not None, ACT_E=int(expand_activation), ACT_D=int(dw_activation),
+        ACT_P=int(project_activation), HAS_RESIDUAL=residual is not None,
+        TF32=bool(allow_tf32) and x.dtype == torch.float32,
+        INDEX_64=needs_64bit_index([x, out] + ([residual] if residual is not None else []), _INDEX_HEADROOM),
+    )  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C_out, meta["BLOCK_CO"]))
+
+    _fused_block[grid](
+        x, we, expand_bias if expand_bias is not None else dummy, dw_weight, dw_bias if dw_bias is not None else dummy,
+        project_weight, project_bias if project_bias is not None else dummy, r, out,
+        P, H, W, HO, WO, C_in, C_hid, C_out, padding[0], padding[1],
+        *x.stride(), we.stride(0) if expand_weight is not None else 0, we.stride(1) if expand_weight is not None else 0,
+        dw_weight.stride(0), dw_weight.stride(1), project_weight.stride(0), project_weight.stride(1),
+        *r_strides, *out.stride(),
+        **flags,
+    )  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# What the kernel moves and computes, for the benchmark's floor figures (no GPU needed).
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes and FLOPs of one fused-block call (multiply-add = 2 FLOPs).
+
+    io_floor_bytes: the block's input read once, its output written once, the residual read
+    (the block-I/O floor of issue 11). unfused_bytes: the same chain with every intermediate
+    written and read back (the eager cuDNN chain's minimum). load_bytes/store_bytes: what the
+    kernel's load and store instructions ask for, served mostly by L1/L2 (x re-gathered for
+    every hidden chunk and tap, weights per program); dram_bytes_estimate: the floor plus the
+    weights once, i.e. assuming the gathers of one program stay in L1/L2 and the weights (at
+    most 960 x 160 + 960 x 9 + 320 x 960 values, under 1 MB in fp16) in L2.
+    flops: the block's own work; kernel_flops: what this kernel executes, with the expansion
+    recomputed per tap and the expansion and depthwise per output-channel block.
+    """
+
+    io_floor_bytes: int
+    unfused_bytes: int
+    load_bytes: int
+    store_bytes: int
+    dram_bytes_estimate: int
+    flops: int
+    kernel_flops: int
+
+
+def traffic(
+    n: int, c_in: int, h: int, w: int, c_hid: int, c_out: int, *, kernel_size: int = 3, stride: int = 1,
+    expand: bool = True, residual: bool = False, element_size: int = 2, block_p: int = 64, block_h: int = 32,
+    block_co: int = 64,
+) -> Traffic:
+    """Traffic of the fused kernel for one block shape and tile; the defaults are the GPU
+    default config and fp16. Without `expand`, c_hid must equal c_in (the separable block)."""
+    pad = (kernel_size - 1) // 2
+    ho, wo = output_size((h, w), (kernel_size, kernel_size), (stride, stride), (pad, pad, pad, pad), (1, 1))
+    taps = kernel_size * kernel_size
+    pixels_in, pixels_out = n * h * w, n * ho * wo
+    x_bytes = pixels_in * c_in * element_size
+    y_bytes = pixels_out * c_out * element_size
+    r_bytes = y_bytes if residual else 0
+    io_floor = x_bytes + y_bytes + r_bytes
+    hidden = pixels_in * c_hid * element_size  # the expanded tensor, at the input's resolution
+    dw_out = pixels_out * c_hid * element_size
+    if expand:
+        unfused = x_bytes + 2 * hidden + 2 * dw_out + y_bytes + r_bytes
+    else:
+        unfused = x_bytes + 2 * dw_out + y_bytes + r_bytes
+    programs_p = triton.cdiv(pixels_out, block_p)
+    programs_o = triton.cdiv(c_out, block_co)
+    programs = programs_p * programs_o
+    chunks = triton.cdiv(c_hid, block_h)
+    gathered_width = c_in if expand else block_h  # per chunk and tap: all of C_in, or the chunk
+    x_loads = programs * chunks * taps * block_p * gathered_width * element_size
+    weight_elements = (c_hid * c_in if expand else 0) * taps + c_hid * taps + c_hid * min(block_co, c_out)
+    weight_loads = programs * weight_elements * element_size
+    vectors = programs * (2 * c_hid + block_co) * 4
+    load_bytes = x_loads + weight_loads + vectors + r_bytes
+    weights_once = ((c_hid * c_in if expand else 0) + c_hid * taps + c_out * c_hid) * element_size
+    dram = io_floor + weights_once
+    expand_flops = 2 * pixels_in * c_in * c_hid if expand else 0
+    dw_flops = 2 * pixels_out * c_hid * taps
+    project_flops = 2 * pixels_out * c_hid * c_out
+    kernel_expand = 2 * pixels_out * taps * c_in * c_hid * programs_o if expand else 0
+    return Traffic(
+        io_floor_bytes=io_floor,
+        unfused_bytes=unfused,
+        load_bytes=load_bytes,
+        store_bytes=y_bytes,
+        dram_bytes_estimate=dram,
+        flops=expand_flops + dw_flops + project_flops,
+        kernel_flops=kernel_expand + dw_flops * programs_o + project_flops,
+    )
