@@ -98,13 +98,19 @@ class _Stopped(BaseException):  # not Exception: suites catch those per case and
     pass
 
 
-def _stop_on_sigterm():
-    """timeout(1) sends SIGTERM; turn it into an exception so the outputs are still written.
-    Returns the handler to restore, or None where none was set."""
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_on_signals():
+    """timeout(1) sends SIGTERM, or SIGINT (gpu_check.sh); turn either into an exception so the
+    outputs are still written. SIGINT too, explicitly: a process a shell starts in the
+    background inherits SIGINT ignored, and Python then raises no KeyboardInterrupt (timeout(1)
+    itself resets it for its command). Returns the handlers to restore, or None where none was
+    set."""
     def handler(signum, frame):
         raise _Stopped(f"signal {signum}")
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
     except ValueError:  # not the main thread (main() called from a test runner's thread)
         return None
 
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
     start = time.monotonic()
     bar = _progress(len(work))
     seen_errors = set()
-    old_handler = _stop_on_sigterm()
+    old_handlers = _stop_on_signals()
     try:
         for i, (suite, case) in enumerate(work):
             if args.time_budget is not None and time.monotonic() - start > args.time_budget:
@@ -180,8 +186,8 @@ def main(argv=None) -> int:
         ctx.notes.append(f"interrupted ({type(exc).__name__} {exc}) after "
                          f"{time.monotonic() - start:.0f} s: the later cases did not run")
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for signum, old in (old_handlers or {}).items():
+            signal.signal(signum, old)
     bar.close()
     if skipped:
         ctx.notes.append(f"time budget of {args.time_budget:.0f} s reached: {skipped} case(s) not run")
