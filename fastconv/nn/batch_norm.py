@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastconv.activations import activation_code, apply_activation
+from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.ops.bn_act import bn_act
 
@@ -77,6 +78,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return scale, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx.symbolically_traced():
+            return _fx.opaque_call(self, x)
         if self.training or not self.track_running_stats:
             return apply_activation(super().forward(x), self.activation)
         self._check_input_dim(x)

@@ -28,6 +28,7 @@ from torch import nn
 from fastconv._geometry import accumulate_dtype, normalise_geometry, positive_pair
 from fastconv._validation import fail
 from fastconv.activations import activation_code
+from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.ops._common import autocast_inputs
 from fastconv.ops.conv_bn_act import routed_conv2d_bn_act
@@ -137,6 +138,8 @@ class ConvBNAct2d(nn.Sequential):
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx.symbolically_traced():
+            return _fx.opaque_call(self, x)
         conv, bn = self[0], self[1]
         if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
             # A child swapped for another kind, say by nn.SyncBatchNorm.convert_sync_batchnorm

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastconv._validation import fail
+from fastconv.nn import _fx
 from fastconv.ops.depthwise import depthwise_conv2d
 
 
@@ -54,6 +55,8 @@ class DepthwiseConv2d(nn.Conv2d):
         return depthwise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx.symbolically_traced():
+            return _fx.opaque_call(self, x)
         padding = self.padding
         if self.padding_mode != "zeros":
             # nn.Conv2d's own handling of reflect/replicate/circular: pad first, then a valid conv.

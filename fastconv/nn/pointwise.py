@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastconv._validation import fail
+from fastconv.nn import _fx
 from fastconv.ops.pointwise import pointwise_conv2d
 
 
@@ -32,6 +33,8 @@ class PointwiseConv2d(nn.Conv2d):
         return pointwise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx.symbolically_traced():
+            return _fx.opaque_call(self, x)
         return pointwise_conv2d(x, self.weight, self.bias)
 
 
