@@ -54,3 +54,18 @@ def test_create_feature_extractor():
 
 def test_opaque_call_only_under_symbolic_tracing():
     assert not _fx.symbolically_traced()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        fastconv.nn.ConvBNAct2d(3, 8, 3),
+        fastconv.nn.DepthwiseConv2d(4, 4, 3, groups=4),
+        fastconv.nn.PointwiseConv2d(4, 6),
+        fastconv.nn.BatchNormAct2d(4),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_torchscript_gets_a_clear_error(module):
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*use torch\.compile"):
+        torch.jit.script(module)

@@ -31,3 +31,12 @@ def opaque_call(module: torch.nn.Module, x):
 # Patched during tracing in this module's globals: callers must look it up as
 # `_fx.opaque_call`, not import the name.
 torch.fx.wrap("opaque_call")
+
+
+def refuse_torchscript(module: torch.nn.Module):
+    """`__prepare_scriptable__` of fastconv's modules: torch.jit.script calls it first, so the
+    user reads what to do instead of a TorchScript frontend error deep inside forward()."""
+    raise RuntimeError(
+        f"fastconv: {type(module).__name__} cannot be compiled by torch.jit.script (TorchScript does not "
+        "support custom Python ops' dispatch); use torch.compile(model) or torch.export.export(model, args)"
+    )

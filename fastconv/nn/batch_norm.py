@@ -29,6 +29,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
     it into a plain SyncBatchNorm and silently drops the activation.
     """
 
+    __prepare_scriptable__ = _fx.refuse_torchscript
+
     def __init__(
         self,
         num_features: int,
@@ -93,6 +95,8 @@ class BatchNormAct2d(nn.BatchNorm2d):
 class SyncBatchNormAct2d(nn.SyncBatchNorm):
     """nn.SyncBatchNorm followed by an activation: a BatchNormAct2d under DDP with synchronised
     statistics. The same state_dict keys as BatchNormAct2d. Made by `convert_sync_batchnorm`."""
+
+    __prepare_scriptable__ = _fx.refuse_torchscript
 
     def __init__(self, num_features: int, activation: Optional[str] = "relu", *args, **kwargs) -> None:
         activation_code(activation)

@@ -67,6 +67,8 @@ class ConvBNAct2d(nn.Sequential):
         eps, momentum: as nn.BatchNorm2d (momentum None: a cumulative moving average).
     """
 
+    __prepare_scriptable__ = _fx.refuse_torchscript
+
     def __init__(
         self,
         in_channels: int,

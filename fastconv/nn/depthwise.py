@@ -21,6 +21,8 @@ class DepthwiseConv2d(nn.Conv2d):
     ``in_channels`` and must equal it.
     """
 
+    __prepare_scriptable__ = _fx.refuse_torchscript
+
     def __init__(
         self,
         in_channels: int,

@@ -17,6 +17,8 @@ class PointwiseConv2d(nn.Conv2d):
     parameters, initialisation and state_dict keys, so pretrained weights load unchanged.
     """
 
+    __prepare_scriptable__ = _fx.refuse_torchscript
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, bias: bool = True, device=None, dtype=None):
         if kernel_size not in (1, (1, 1)):
             fail(f"kernel_size must be 1 for a pointwise conv; got {kernel_size!r}")
