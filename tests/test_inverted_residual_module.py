@@ -253,3 +253,17 @@ def test_bad_module_arguments_named():
         DepthwiseSeparableConv2d(8, 8, stride=2, skip=True)
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         DepthwiseSeparableConv2d(8, 8, kernel_size=4)
+
+
+def test_symbolic_trace_records_one_node_and_torchscript_is_refused():
+    """As every fastconv module (fastconv/nn/_fx.py): one opaque node under torch.fx."""
+    from fastconv.nn import _fx
+
+    block = InvertedResidual(8, 8, 1, 2).eval()
+    graph = torch.fx.symbolic_trace(nn.Sequential(block))
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [_fx.opaque_call]
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), block(x))
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):
+        torch.jit.script(DepthwiseSeparableConv2d(4, 4))

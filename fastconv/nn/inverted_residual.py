@@ -23,6 +23,7 @@ from torch import nn
 from fastconv._geometry import accumulate_dtype, normalise_geometry
 from fastconv._validation import fail
 from fastconv.activations import activation_code
+from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import _ACTIVATION_MODULES, ConvBNAct2d
 from fastconv.ops._common import autocast_inputs
@@ -109,6 +110,8 @@ class InvertedResidual(nn.Module):
         eps, momentum: the BatchNorms' (torchvision's defaults).
     """
 
+    __prepare_scriptable__ = _fx.refuse_torchscript
+
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: float, activation: Optional[str] = "relu6",
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:  # fmt: skip
         super().__init__()
@@ -171,6 +174,8 @@ class InvertedResidual(nn.Module):
         return not any(_uses_batch_stats(unit[1]) for unit in units) and not _uses_batch_stats(bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx.symbolically_traced():
+            return _fx.opaque_call(self, x)  # one node of an fx graph (see fastconv/nn/_fx.py)
         *units, project, bn = self.conv
         if not self._fusable():
             h = x
@@ -209,6 +214,8 @@ class DepthwiseSeparableConv2d(nn.Module):
         eps, momentum: the BatchNorms'.
     """
 
+    __prepare_scriptable__ = _fx.refuse_torchscript
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1,
                  dw_activation: Optional[str] = "relu6", pw_activation: Optional[str] = "relu6", skip: bool = False,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:  # fmt: skip
@@ -233,6 +240,8 @@ class DepthwiseSeparableConv2d(nn.Module):
         self._dw_cache, self._pw_cache = DerivedTensorCache(), DerivedTensorCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fx.symbolically_traced():
+            return _fx.opaque_call(self, x)
         residual = x if self.skip else None
         kinds_ok = all(type(m) is nn.Conv2d for m in (self.conv_dw, self.conv_pw)) and all(
             type(m) is nn.BatchNorm2d for m in (self.bn1, self.bn2)
