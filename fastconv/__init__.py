@@ -6,11 +6,19 @@ backends (cuda, triton, torch); see `fastconv.backends`.
 
 from fastconv import backends, nn, reference
 from fastconv.backends import get_backend, set_backend, use_backend
-from fastconv.ops import bn_act, conv2d_bn_act, depthwise_conv2d, pointwise_conv2d
+from fastconv.ops import (
+    bn_act,
+    conv2d_bn_act,
+    depthwise_conv2d,
+    depthwise_separable_conv2d,
+    inverted_residual,
+    pointwise_conv2d,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backends", "bn_act", "conv2d_bn_act", "depthwise_conv2d", "get_backend", "nn", "pointwise_conv2d", "reference", "set_backend",
+    "backends", "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "get_backend",
+    "inverted_residual", "nn", "pointwise_conv2d", "reference", "set_backend",
     "use_backend",
 ]

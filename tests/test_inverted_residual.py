@@ -9,6 +9,7 @@ The module tests (torchvision's blocks, training) are in test_inverted_residual_
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 
 import fastconv
 from fastconv.activations import apply_activation
-from fastconv.ops import inverted_residual as ops
 from harness import (
     DEVICE,
     assert_matches_reference,
@@ -30,6 +30,8 @@ from harness import (
     wide,
 )
 
+# The module, not the function of the same name that fastconv.ops exports.
+ops = importlib.import_module("fastconv.ops.inverted_residual")
 BACKENDS = backends_under_test(ops.FORWARD)
 
 
@@ -268,3 +270,16 @@ def test_traffic_counts_the_floor_and_the_tap_recompute():
     # One output-channel block (24 <= 64): the expansion 9 times, the rest once.
     assert t.kernel_flops == 2 * pixels * (9 * 24 * 144 + 144 * 9 + 144 * 24)
     assert t.load_bytes > t.dram_bytes_estimate >= t.io_floor_bytes
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_meta_and_fake_tensors_give_the_real_run_s_layout(layout):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t = make(6, 12, 6, 7, layout=layout)
+    real = call(t, stride=2)
+    meta = call({k: v.to("meta") for k, v in t.items()}, stride=2)
+    with FakeTensorMode() as mode:
+        fake = call({k: mode.from_tensor(v) for k, v in t.items()}, stride=2)
+    for got in (meta, fake):
+        assert (got.shape, got.stride(), got.dtype) == (real.shape, real.stride(), real.dtype)

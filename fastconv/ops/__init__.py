@@ -5,6 +5,9 @@ from fastconv.ops import batch_norm  # noqa: F401  (registers the training Batch
 from fastconv.ops.bn_act import bn_act
 from fastconv.ops.conv_bn_act import conv2d_bn_act
 from fastconv.ops.depthwise import depthwise_conv2d
+from fastconv.ops.inverted_residual import depthwise_separable_conv2d, inverted_residual
 from fastconv.ops.pointwise import pointwise_conv2d
 
-__all__ = ["bn_act", "conv2d_bn_act", "depthwise_conv2d", "pointwise_conv2d"]
+__all__ = [
+    "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "inverted_residual", "pointwise_conv2d",
+]
