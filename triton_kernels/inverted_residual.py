@@ -29,9 +29,14 @@ counts those FLOPs and bytes against the block-I/O floor so that the benchmark a
 "bytes against the block-I/O floor" figure need no GPU. Unmeasured on a GPU.
 
 Registers: the live fp32 tiles are the depthwise accumulator and the expanded tap, BLOCK_P x
-BLOCK_H each, and the projection accumulator BLOCK_P x BLOCK_CO. The GPU default (64, 32, 64)
-holds 2*64*32 + 64*64 = 8192 fp32 values, 64 per thread at 4 warps, below the 255-register
-limit with room for the operand tiles; the larger configs double that at 8 warps.
+BLOCK_H each, and the projection accumulator BLOCK_P x BLOCK_CO: 2*64*32 + 64*64 = 8192 values
+for the GPU default (64, 32, 64), 64 per thread at 4 warps. That estimate was low: ptxas
+(sm_90, offline) gives the default tile 254 registers at 4 warps, and in fp32 spills 96 bytes
+with num_stages=2; the 64-bit pointer tiles of the gathers ([BLOCK_P, BLOCK_K] and
+[BLOCK_K, BLOCK_H] addresses) and the layout conversions between the MMA accumulator and the
+depthwise's blocked tile cost more than the accumulators. At 8 warps and one stage it takes 128
+registers in fp16/bf16 and 188 in fp32, no spills: the default. No pipelining (num_stages=1):
+the K loop is one or a few steps (C_in <= 160), and stages only held more operand tiles.
 
 Layouts: every tensor is read through its strides. NCHW x is converted once, at the boundary,
 to channels_last (one copy of x: the gathers read C_in contiguous channels per pixel, which
@@ -66,12 +71,12 @@ _CONFIGS = interpreter_first(
     triton.Config({"BLOCK_P": 128, "BLOCK_H": 128, "BLOCK_CO": 512, "BLOCK_K": 128}, num_warps=4),
     [
         # The moderate default first (FASTCONV_TRITON_AUTOTUNE=0 runs only it): see Registers.
-        triton.Config({"BLOCK_P": 64, "BLOCK_H": 32, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_P": 64, "BLOCK_H": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_P": 128, "BLOCK_H": 32, "BLOCK_CO": 32, "BLOCK_K": 16}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_P": 32, "BLOCK_H": 32, "BLOCK_CO": 128, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_P": 32, "BLOCK_H": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_P": 16, "BLOCK_H": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+        # ptxas counts (sm_90, Triton 3.8, offline) in the comments: fp16 / fp32, no spills.
+        triton.Config({"BLOCK_P": 64, "BLOCK_H": 32, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1),  # 128 / 188
+        triton.Config({"BLOCK_P": 32, "BLOCK_H": 32, "BLOCK_CO": 128, "BLOCK_K": 32}, num_warps=8, num_stages=1),  # 128 / 128
+        triton.Config({"BLOCK_P": 64, "BLOCK_H": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1),  # 244 / 224
+        triton.Config({"BLOCK_P": 128, "BLOCK_H": 32, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1),  # 254 / 254
+        triton.Config({"BLOCK_P": 64, "BLOCK_H": 32, "BLOCK_CO": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),  # 246 / 248
     ],
 )
 
@@ -84,11 +89,12 @@ def _dot(a, b, acc, TF32: tl.constexpr):
 
 
 @triton.jit
-def _bias(ptr, index, mask, HAS: tl.constexpr):
-    """ptr[index] in fp32 as a row to broadcast, or 0 when absent."""
+def _bias(ptr, index, mask, HAS: tl.constexpr, BLOCK: tl.constexpr):
+    """ptr[index] in fp32, or zeros when absent (one return: the compiler wants one type)."""
+    bias = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS:
-        return tl.load(ptr + index, mask=mask, other=0.0).to(tl.float32)[None, :]
-    return 0.0
+        bias = tl.load(ptr + index, mask=mask, other=0.0).to(tl.float32)
+    return bias
 
 
 @autotune(
@@ -133,7 +139,7 @@ def _fused_block(
     for h0 in range(0, C_HID, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_mask = hs < C_HID
-        b_e = _bias(be_ptr, hs, h_mask, HAS_BE)
+        b_e = _bias(be_ptr, hs, h_mask, HAS_BE, BLOCK_H)[None, :]
         d = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
         # A run-time loop over taps: 3x3 and 5x5 alike compile to one body (an unrolled 5x5 of
         # nested GEMM loops would take LLVM minutes), and the per-tap index math is a few
@@ -162,13 +168,13 @@ def _fused_block(
                             mask=inside[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
             w_tap = tl.load(wd_ptr + hs * wd_sh + tap * wd_st, mask=h_mask, other=0.0).to(tl.float32)
             d += e * w_tap[None, :]
-        d = apply_activation(d + _bias(bd_ptr, hs, h_mask, HAS_BD), ACT_D)
+        d = apply_activation(d + _bias(bd_ptr, hs, h_mask, HAS_BD, BLOCK_H)[None, :], ACT_D)
         # Masked hidden rows of the projection weight are zero: d's masked columns add nothing.
         wp = tl.load(wp_ptr + (hs * wp_sh)[:, None] + (cos * wp_so)[None, :],
                      mask=h_mask[:, None] & co_mask[None, :], other=0.0)
         acc = _dot(d.to(dot_dtype), wp.to(dot_dtype), acc, TF32)
 
-    v = apply_activation(acc + _bias(bp_ptr, cos, co_mask, HAS_BP), ACT_P)
+    v = apply_activation(acc + _bias(bp_ptr, cos, co_mask, HAS_BP, BLOCK_CO)[None, :], ACT_P)
     out_mask = p_mask[:, None] & co_mask[None, :]
     if HAS_RESIDUAL:
         r_offsets = (n * r_sn + oh * r_sh + ow * r_sw)[:, None] + (cos * r_sc)[None, :]
