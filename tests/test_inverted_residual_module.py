@@ -91,6 +91,27 @@ def test_every_mobilenet_v2_block_in_eval_matches_torchvision(backend, config):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_eval_within_twice_torchvision_s_error(backend):
+    """fp16 weights and input, fp32 folded shifts: within twice the error of torchvision's own
+    fp16 block against float64 (SiLU: no kink for a rounding to land on)."""
+    block = TorchvisionBlock(24, 24, 1, 4, norm_layer=nn.BatchNorm2d)
+    for unit in block.conv[:2]:
+        unit[2] = nn.SiLU()
+    block = randomise_batch_norms(block).to(DEVICE).eval()
+    fused = InvertedResidual(24, 24, 1, 4, activation="silu").to(DEVICE).eval()
+    fused.load_state_dict(block.state_dict())
+    fused.half()
+    x = random_tensor((1, 24, 7, 7), torch.float16, "channels_last")
+    with torch.no_grad(), on_backend(backend):
+        y = fused(x)
+    with torch.no_grad():
+        expected = copy.deepcopy(block).double()(x.double())
+        yardstick = copy.deepcopy(block).half()(x)
+    assert y.dtype == torch.float16
+    assert_matches_reference("y", y, expected, yardstick, terms=96)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_from_torchvision_shares_parameters_and_matches(backend):
     block = torchvision_block((24, 24, 1, 6)).eval()
     fused = InvertedResidual.from_torchvision(block)
