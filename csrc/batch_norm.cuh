@@ -244,14 +244,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_grad_sums
   const idx_t first = active ? static_cast<idx_t>(blockIdx.y) * blockDim.y + threadIdx.y : geom.rows;
   for (idx_t r0 = first; r0 < geom.rows; r0 += step * UNROLL) {
     Pack<T, VEC> gpk[UNROLL], xpk[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const idx_t r = r0 + u * step;
-      if (r < geom.rows) {
-        gpk[u] = load_pack<VEC>(g + row_offset(geom, gs, r) + c0);
-        xpk[u] = load_pack<VEC>(x + row_offset(geom, xs, r) + c0);
-      }
-    }
+    load_row_pairs<VEC, UNROLL>(geom, r0, step, c0, g, gs, gpk, x, xs, xpk);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       if (r0 + u * step >= geom.rows) break;
@@ -296,14 +289,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) planes_grad_su
     float sum_g = 0.f, sum_gx = 0.f;
     for (idx_t k0 = t.begin + lane; k0 < t.end; k0 += kWarpSize * UNROLL) {
       Pack<T, VEC> gpk[UNROLL], xpk[UNROLL];
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const idx_t k = k0 + u * kWarpSize;
-        if (k < t.end) {
-          gpk[u] = load_pack<VEC>(gp + plane_offset<CONTIG, VEC>(geom, gs, k));
-          xpk[u] = load_pack<VEC>(xp + plane_offset<CONTIG, VEC>(geom, xs, k));
-        }
-      }
+      load_plane_pairs<CONTIG, VEC, UNROLL>(geom, k0, t.end, gp, gs, gpk, xp, xs, xpk);
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         if (k0 + u * kWarpSize >= t.end) break;
@@ -352,14 +338,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_grad_inpu
   for (idx_t r0 = static_cast<idx_t>(blockIdx.y) * blockDim.y + threadIdx.y; r0 < geom.rows;
        r0 += step * UNROLL) {
     Pack<T, VEC> gpk[UNROLL], xpk[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const idx_t r = r0 + u * step;
-      if (r < geom.rows) {
-        gpk[u] = load_pack<VEC>(g + row_offset(geom, gs, r) + c0);
-        xpk[u] = load_pack<VEC>(x + row_offset(geom, xs, r) + c0);
-      }
-    }
+    load_row_pairs<VEC, UNROLL>(geom, r0, step, c0, g, gs, gpk, x, xs, xpk);
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const idx_t r = r0 + u * step;
@@ -400,14 +379,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) planes_grad_in
     T* gxp = gx + t.n * gxs.n + t.c * gxs.c;
     for (idx_t k0 = t.begin + lane; k0 < t.end; k0 += kWarpSize * UNROLL) {
       Pack<T, VEC> gpk[UNROLL], xpk[UNROLL];
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const idx_t k = k0 + u * kWarpSize;
-        if (k < t.end) {
-          gpk[u] = load_pack<VEC>(gp + plane_offset<CONTIG, VEC>(geom, gs, k));
-          xpk[u] = load_pack<VEC>(xp + plane_offset<CONTIG, VEC>(geom, xs, k));
-        }
-      }
+      load_plane_pairs<CONTIG, VEC, UNROLL>(geom, k0, t.end, gp, gs, gpk, xp, xs, xpk);
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const idx_t k = k0 + u * kWarpSize;

@@ -72,6 +72,44 @@ __device__ __forceinline__ idx_t plane_offset(const PlaneGeom<idx_t>& g, const S
 }
 
 // ---------------------------------------------------------------------------------------
+// Loads of the kernels that read two tensors (grad_y and x) per element: UNROLL packs of
+// each in flight, the raw packs kept for conversion at use.
+
+// kRows: packs of rows r0 + u * step (those < geom.rows), channels c0..c0+VEC-1.
+template <int VEC, int UNROLL, typename T, typename idx_t>
+__device__ __forceinline__ void load_row_pairs(const RowGeom<idx_t>& geom, idx_t r0, idx_t step,
+                                               int c0, const T* g, const Strides<idx_t>& gs,
+                                               Pack<T, VEC> (&gpk)[UNROLL], const T* x,
+                                               const Strides<idx_t>& xs,
+                                               Pack<T, VEC> (&xpk)[UNROLL]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const idx_t r = r0 + u * step;
+    if (r < geom.rows) {
+      gpk[u] = load_pack<VEC>(g + row_offset(geom, gs, r) + c0);
+      xpk[u] = load_pack<VEC>(x + row_offset(geom, xs, r) + c0);
+    }
+  }
+}
+
+// kPlanes / kStrided: packs k0 + u * kWarpSize (those < end) of one plane of g and of x.
+template <bool CONTIG, int VEC, int UNROLL, typename T, typename idx_t>
+__device__ __forceinline__ void load_plane_pairs(const PlaneGeom<idx_t>& geom, idx_t k0,
+                                                 idx_t end, const T* gp, const Strides<idx_t>& gs,
+                                                 Pack<T, VEC> (&gpk)[UNROLL], const T* xp,
+                                                 const Strides<idx_t>& xs,
+                                                 Pack<T, VEC> (&xpk)[UNROLL]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const idx_t k = k0 + u * kWarpSize;
+    if (k < end) {
+      gpk[u] = load_pack<VEC>(gp + plane_offset<CONTIG, VEC>(geom, gs, k));
+      xpk[u] = load_pack<VEC>(xp + plane_offset<CONTIG, VEC>(geom, xs, k));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Endings of the stage-1 kernels that reduce two sums per channel (bn_act's backward,
 // batch_norm's gradient sums) into a [2, parts, C] float32 workspace. Fixed-shape trees, so
 // the sums are deterministic and independent of the tuning variant.

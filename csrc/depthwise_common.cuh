@@ -10,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -132,6 +133,11 @@ template <typename idx_t>
 Strides<idx_t> strides4(const at::Tensor& t) {
   auto s = [&](int d) { return static_cast<idx_t>(t.size(d) == 1 ? 0 : t.stride(d)); };
   return {s(0), s(1), s(2), s(3)};
+}
+
+// The stride class of a correlation for the tuning key: (min(sw, 3), min(sh, 3)) in 4 bits.
+inline int dw_stride_code(const DwConv& p) {
+  return static_cast<int>(std::min<int64_t>(p.sw, 3) * 4 + std::min<int64_t>(p.sh, 3));
 }
 
 // Compact code of a template specialisation choice, mixed into the tuning key.

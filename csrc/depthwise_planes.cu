@@ -233,7 +233,7 @@ bool planes_typed(const DwConv& p, int op) {
   const uint64_t key = dw_tune_key(p.out, op, kPlanesPath, p.out.numel(),
                                    int64_t{g.Ho} * g.Wo,
                                    k_idx * 8 + static_cast<int>(std::min<int64_t>(p.KW, 7)),
-                                   static_cast<int>(std::min<int64_t>(p.sw, 3) * 4 + std::min<int64_t>(p.sh, 3)));
+                                   dw_stride_code(p));
   launch(pick_variant(key, 2, /*fallback=*/1, launch));
   return true;
 }

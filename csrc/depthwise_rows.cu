@@ -15,6 +15,20 @@ namespace fastconv {
 namespace dw {
 namespace {
 
+// The VEC fp32 weights of one tap for VEC consecutive channels, as float4 loads from shared
+// memory (the tap's row of the staged weight tile).
+template <int VEC>
+__device__ __forceinline__ void load_tap_weights(const float* w, float (&wv)[VEC]) {
+#pragma unroll
+  for (int v4 = 0; v4 < VEC / 4; ++v4) {
+    const float4 f = reinterpret_cast<const float4*>(w)[v4];
+    wv[4 * v4] = f.x;
+    wv[4 * v4 + 1] = f.y;
+    wv[4 * v4 + 2] = f.z;
+    wv[4 * v4 + 3] = f.w;
+  }
+}
+
 constexpr int kRowsPath = 0;
 constexpr int kMaxRowsLanes = 16;  // channel packs per block (256 B of fp16 per pixel)
 
@@ -95,14 +109,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) dw_rows_kernel
 #pragma unroll
         for (int b = 0; b < KW; ++b) {
           float wv[VEC];
-#pragma unroll
-          for (int v4 = 0; v4 < VEC / 4; ++v4) {
-            const float4 f = reinterpret_cast<const float4*>(w_row + b * CB)[v4];
-            wv[4 * v4] = f.x;
-            wv[4 * v4 + 1] = f.y;
-            wv[4 * v4 + 2] = f.z;
-            wv[4 * v4 + 3] = f.w;
-          }
+          load_tap_weights<VEC>(w_row + b * CB, wv);
 #pragma unroll
           for (int p = 0; p < P; ++p) {
 #pragma unroll
@@ -114,14 +121,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) dw_rows_kernel
       } else {
         for (int b = 0; b < kw; ++b) {
           float wv[VEC];
-#pragma unroll
-          for (int v4 = 0; v4 < VEC / 4; ++v4) {
-            const float4 f = reinterpret_cast<const float4*>(w_row + b * CB)[v4];
-            wv[4 * v4] = f.x;
-            wv[4 * v4 + 1] = f.y;
-            wv[4 * v4 + 2] = f.z;
-            wv[4 * v4 + 3] = f.w;
-          }
+          load_tap_weights<VEC>(w_row + b * CB, wv);
 #pragma unroll
           for (int p = 0; p < P; ++p) {
             const int w = (j0 + p) * g.sw - g.pl + b * g.dw;
@@ -228,7 +228,7 @@ bool rows_typed(const DwConv& p, int op) {
   };
   const uint64_t key = dw_tune_key(p.out, op, kRowsPath, p.out.numel(), g.Cout,
                                    k_idx * 8 + static_cast<int>(std::min<int64_t>(p.KH, 7)),
-                                   static_cast<int>(std::min<int64_t>(p.sw, 3) * 4 + std::min<int64_t>(p.sh, 3)));
+                                   dw_stride_code(p));
   launch(pick_variant(key, 2, /*fallback=*/1, launch));
   return true;
 }

@@ -92,6 +92,16 @@ inline void set_output(GemmArgs& g, const at::Tensor& out, int64_t channels_per_
                  ps[0] % 2 == 0 && ps[1] % 2 == 0 && ps[2] % 2 == 0;
 }
 
+// Residual-side fields of GemmArgs: the residual's pointer and strides (it has out's shape).
+inline void set_residual(GemmArgs& g, const at::Tensor& residual) {
+  const auto rs = pixel_strides(residual);
+  g.residual = residual.const_data_ptr();
+  g.r_sn = rs[0];
+  g.r_sc = residual.stride(1);
+  g.r_sh = rs[1];
+  g.r_sw = rs[2];
+}
+
 // Launches variant `v` of gemm_kernel<T, ., A, VEC> over `groups` groups.
 template <typename T, class A, bool VEC, class Cfg>
 void launch_cfg(const typename A::Params& ap, GemmArgs g, int groups, cudaStream_t stream) {

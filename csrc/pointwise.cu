@@ -217,12 +217,7 @@ void pointwise_forward(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor res;
   if (residual.has_value() && residual->defined()) {
     res = *residual;
-    const auto rs = pixel_strides(res);
-    g.residual = res.const_data_ptr();
-    g.r_sn = rs[0];
-    g.r_sc = res.stride(1);
-    g.r_sh = rs[1];
-    g.r_sw = rs[2];
+    set_residual(g, res);
   }
   g.act_after_residual = activation_after_residual;
   at::Tensor keep[5];
