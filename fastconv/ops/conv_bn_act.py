@@ -31,8 +31,8 @@ import torch
 from fastconv import reference
 from fastconv._geometry import accumulate_dtype, empty_output, normalise_geometry, output_size
 from fastconv._validation import fail
-from fastconv.backends import OpImplementations, get_backend, use_backend
 from fastconv.activations import activation_code
+from fastconv.backends import OpImplementations, get_backend, use_backend
 from fastconv.ops import depthwise as depthwise_ops
 from fastconv.ops import pointwise as pointwise_ops
 from fastconv.ops._autocast import register_autocast
