@@ -56,6 +56,17 @@ def test_raw_ops_cast_as_conv2d_does(name, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
+def test_fused_inverted_residual_casts_its_weights():
+    x = random_tensor((1, 8, 7, 7), torch.float32, "channels_last", device="cpu")
+    expand, dw, project = torch.randn(16, 8, 1, 1), torch.randn(16, 1, 3, 3), torch.randn(8, 16, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.fastconv.inverted_residual(
+            x, expand, dw, project, (1, 1), (1, 1, 1, 1), (1, 1), None, None, "relu6", None, None, "relu6", None, None,
+            None, x,
+        )  # fmt: skip
+    assert y.dtype == torch.bfloat16
+
+
 def test_raw_op_gradients_reach_the_float32_leaves():
     x, scale, shift = _inputs()
     x.requires_grad_()

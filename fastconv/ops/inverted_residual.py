@@ -31,6 +31,7 @@ from fastconv._geometry import empty_output, normalise_geometry
 from fastconv._validation import check_channel_vector, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations
+from fastconv.ops._autocast import register_autocast
 from fastconv.ops._common import (
     allow_tf32,
     autocast_inputs,
@@ -214,6 +215,7 @@ def _backward(ctx, grad_y):
 
 
 inverted_residual_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(inverted_residual_op, cast=("x", "expand_weight", "dw_weight", "project_weight", "residual"))
 
 
 # The unfused, differentiable chain -------------------------------------------------------------
