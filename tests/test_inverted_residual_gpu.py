@@ -1,0 +1,41 @@
+"""The fused inverted residual on a GPU: every distinct MobileNetV2 block shape at a small
+batch, in float16 and bfloat16 (bfloat16 tl.dot is wrong in the CPU interpreter, so this is
+its only test), against float64 with the 2x-PyTorch rule; and the autotuned configs.
+
+Named "sanitizer" so that gpu_check.sh's smoke step runs it first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import ON_GPU
+from test_inverted_residual import check, make
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")]
+
+# (C_in, C_hidden, C_out, H=W, stride, use_residual): torchvision mobilenet_v2's distinct blocks
+# at 224x224 input, spatial size divided by 8 (odd sizes kept odd) to stay small.
+MOBILENET_V2_BLOCKS = [
+    (32, 32, 16, 15, 1, False),
+    (16, 96, 24, 15, 2, False),
+    (24, 144, 24, 7, 1, True),
+    (24, 144, 32, 7, 2, False),
+    (32, 192, 32, 5, 1, True),
+    (32, 192, 64, 5, 2, False),
+    (64, 384, 64, 3, 1, True),
+    (64, 384, 96, 3, 1, False),
+    (96, 576, 96, 3, 1, True),
+    (96, 576, 160, 3, 2, False),
+    (160, 960, 160, 3, 1, True),
+    (160, 960, 320, 3, 1, False),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("block", MOBILENET_V2_BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-s{b[4]}")
+def test_inverted_residual_sanitizer_subset(block, dtype):
+    c_in, c_hid, c_out, hw, stride, use_residual = block
+    t = make(c_in, c_hid, c_out, hw, n=2, dtype=dtype, expand=c_hid != c_in)
+    check("triton", t, lowp=True, stride=stride, use_residual=use_residual)
