@@ -278,8 +278,10 @@ __device__ void tile_statistics(const GemmArgs& g, const float (&acc)[Cfg::MT][C
 // mapping only decides which thread loads a chunk: shared memory, and the result, are the same.
 // The explicit minimum of 1 CTA per SM matters: without it, CUDA 13's ptxas capped the
 // 256-thread variant at 128 registers and spilled 68-92 bytes (and spilled around SiLU's
-// division slow-path call in others); with it every variant compiles spill-free in 96-213
-// registers (see the build's -Xptxas -v).
+// division slow-path call in others); with it every variant compiles spill-free, in 100-227
+// registers for the pointwise loader and 104-237 for the conv taps (CUDA 13.0, -Xptxas -v;
+// the runtime chunk mapping of the element-wise path raised the top from 213, still 2 CTAs
+// of 128 threads per SM).
 template <typename T, class Cfg, class A, bool VEC>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const typename A::Params ap,
                                                              const GemmArgs g) {
