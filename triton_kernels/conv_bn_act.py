@@ -88,11 +88,20 @@ _TAP_CONFIGS = interpreter_first(
     # channel blocks per tap, the second with masked tail channels.
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4),
     [
-        # General purpose first (what FASTCONV_TRITON_AUTOTUNE=0 runs): 128..512 channels.
+        # The default (what FASTCONV_TRITON_AUTOTUNE=0 and the GPU tests run) must not spill in
+        # any specialisation, and float32 without TF32 (a CUDA-core FMA dot, the tests' float32)
+        # is the hungry one. sm_90, offline (tests/test_triton_configs.py), Triton 3.6 / 3.8:
+        # 128x128x64 w8 took 255 registers and spilled 12 / 8 B channels_last, and 6.3 KB / 56 B
+        # with INDEX_64 on NCHW; 128x128x32, 128x64x64 and 64x64x64 on 4 warps still spilled
+        # there (0.7 to 10 KB on 3.6). 64x64x64 on 8 warps takes 62 to 124 registers (218 for
+        # 3.6's INDEX_64 NCHW float32) and spills nothing; the larger tiles stay candidates.
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        # General purpose: 128..512 channels.
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        # No 128x256x64 or 256x128x64 on 8 warps: 128 accumulators a thread, 255 registers, and
+        # spills in 15 of the 17 (case, Triton) pairs measured, 16 B to 67 KB; only 3.8's
+        # float16 channels_last and NCHW without statistics fit, once each.
         # 64 output channels at large M (ResNet50's 56x56 stage, VGG's first block): the whole
         # channel range in one column, tall pixel tiles.
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
@@ -114,16 +123,20 @@ _FLAT_CONFIGS = interpreter_first(
         # The stem (3 -> 32, K = 27, 1.6M pixels at batch 128) is memory-bound on its output:
         # one K step (nothing to pipeline), the whole channel range per program. At most 16
         # gathered A elements per thread (BLOCK_M * BLOCK_K <= 512 * num_warps) keeps sm_90 at
-        # 64 to 128 registers; 32 per thread doubles that.
+        # 64 to 128 registers; 32 per thread doubles that. The default (FASTCONV_TRITON_AUTOTUNE=0)
+        # takes 16 channels per program: 128x32x32 spilled 100 B for float32 without TF32 on
+        # Triton 3.6 (255 registers; a CUDA-core dot), where 128x16x32 takes 222 and no stack
+        # (66 to 185 registers elsewhere, sm_90, tests/test_triton_configs.py).
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=16, num_stages=1),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=8, num_stages=1),
         # Wider outputs, and longer K (8 to 15 channels per group, 5x5 and 7x7 windows).
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=16, num_stages=2),
+        # (On Triton 3.6 this one spills 1.3 KB on the 7x7 stem; 3.8 fits it in 112 registers.)
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
     ],

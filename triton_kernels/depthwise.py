@@ -57,20 +57,21 @@ _MAX_UNROLLED_TAPS = 16
 # block, 5x5 in two, 7x7 in four); more would cost registers without saving memory traffic.
 _MAX_TAP_BLOCK = 16
 
-_ROWS_CONFIGS = interpreter_first(
-    # (BLOCK_P output pixels, BLOCK_C channels)
-    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4),
-    [
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=4),
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),
-        triton.Config({"BLOCK_P": 8, "BLOCK_C": 128}, num_warps=4),
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=8),
-        triton.Config({"BLOCK_P": 128, "BLOCK_C": 8}, num_warps=4),
-    ],
-)
+# (BLOCK_P output pixels, BLOCK_C channels); depthwise_backward.py's input pass takes the same
+# candidates with its own default.
+_ROWS_INTERPRETER_CONFIG = triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4)
+_ROWS_DEVICE_CONFIGS = [
+    # The default: 127 to 158 registers, no spills, forward (sm_90, Triton 3.6 and 3.8).
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=4),
+    triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8),
+    triton.Config({"BLOCK_P": 8, "BLOCK_C": 128}, num_warps=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=8),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 8}, num_warps=4),
+]
+_ROWS_CONFIGS = interpreter_first(_ROWS_INTERPRETER_CONFIG, _ROWS_DEVICE_CONFIGS)
 _PLANES_CONFIGS = interpreter_first(
     # (BLOCK_PL planes, BLOCK_S pixels per plane); small planes want several per program.
     triton.Config({"BLOCK_PL": 16, "BLOCK_S": 256}, num_warps=4),

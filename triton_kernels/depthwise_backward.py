@@ -26,19 +26,33 @@ from fastconv.triton_kernels.depthwise import (
     _MAX_TAP_BLOCK,
     _MAX_UNROLLED_TAPS,
     _PLANES_CONFIGS,
-    _ROWS_CONFIGS,
+    _ROWS_DEVICE_CONFIGS,
+    _ROWS_INTERPRETER_CONFIG,
     _geometry,
     _split_pixels,
     _strides4,
     _weight_strides,
 )
 
+# The backward input pass takes the forward's tiles (the same [pixels, channels] gather), but
+# its own default: with a depth multiplier the M output channels of each input channel are a
+# run-time loop around the unrolled taps, and the forward's default 64x32 on 4 warps spilled
+# there (float32, multiplier 2, channels_last: 255 registers, 260 B on Triton 3.6, 28 B on
+# 3.8). 32x32 on 8 warps takes 60 to 100 registers and spills nothing on either; tiles of
+# 8 elements a thread (32x32 on 4 warps, 64x32 on 8) spilled 106 B at 80 registers on 3.8's
+# float16 (sm_90, offline, tests/test_triton_configs.py).
+_ROWS_INPUT_CONFIGS = interpreter_first(
+    _ROWS_INTERPRETER_CONFIG,
+    [triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=8)] + _ROWS_DEVICE_CONFIGS,
+)
 # The backward weight tiles are 3-D ([pixels, taps, channels]), so they are smaller per axis.
+# The default 16x32 on 8 warps: 8x32 on 4 warps spilled 8 B at 72 registers on Triton 3.8
+# (float16, channels_last, 3x3); 16x32 w8 takes 80 to 167 registers and no stack on 3.6 and 3.8.
 _ROWS_WEIGHT_CONFIGS = interpreter_first(
     triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
     [
-        triton.Config({"BLOCK_P": 8, "BLOCK_C": 32}, num_warps=4),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 32}, num_warps=8),
+        triton.Config({"BLOCK_P": 8, "BLOCK_C": 32}, num_warps=4),
         triton.Config({"BLOCK_P": 32, "BLOCK_C": 32}, num_warps=8),
         triton.Config({"BLOCK_P": 8, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 64}, num_warps=8),
@@ -100,7 +114,7 @@ def _rows_input_row(acc, g_ptr, w_ptr, a, g_pixel, th0, tw0, pixel_mask, g_chann
     return acc
 
 
-@autotune(configs=_ROWS_CONFIGS, key=["R", "C", "M", "H", "W"] + _GEOMETRY_KEY)
+@autotune(configs=_ROWS_INPUT_CONFIGS, key=["R", "C", "M", "H", "W"] + _GEOMETRY_KEY)
 @triton.jit
 def _rows_backward_input(
     g_ptr, w_ptr, gx_ptr,
