@@ -403,6 +403,103 @@ def test_every_candidate_report(tmp_path, record_property):
     assert not dead, f"candidates that spill in every case: {dead}"
 
 
+# --------------------------------------------------------------------------------------------
+# The autotuner's spill pruning (_tuning.py), with a fake compile: no GPU, no ptxas.
+
+
+def _configs(n):
+    import triton
+
+    return [triton.Config({"BLOCK": 16 * 2**i}, num_warps=4) for i in range(n)]
+
+
+def test_least_spilling_keeps_the_spill_free_in_order():
+    from fastconv.triton_kernels._tuning import least_spilling
+
+    configs = _configs(4)
+    spills = dict(zip(configs, [12, 0, None, 0]))  # None: did not load, left to the benchmark
+    assert least_spilling(configs, spills.get) == [configs[1], configs[2], configs[3]]
+
+
+def test_least_spilling_when_all_spill_keeps_the_least():
+    from fastconv.triton_kernels._tuning import least_spilling
+
+    configs = _configs(3)
+    spills = dict(zip(configs, [300, 8, 90]))
+    assert least_spilling(configs, spills.get) == [configs[1]]
+
+
+class _FakeCompiled:
+    def __init__(self, n_spills, fail=False):
+        self.n_spills, self.fail = n_spills, fail
+
+    def _init_handles(self):
+        if self.fail:
+            raise RuntimeError("out of resources: shared memory")
+
+
+class _FakeJit:
+    """Stands in for the JITFunction: warmup() records its call and 'compiles'."""
+
+    def __init__(self, spills_by_block):
+        self.spills_by_block, self.calls = spills_by_block, []
+
+    def warmup(self, *args, grid, **kwargs):
+        self.calls.append((args, grid, kwargs))
+        spills = self.spills_by_block[kwargs["BLOCK"]]
+        return _FakeCompiled(spills, fail=spills is None)
+
+
+def test_compiled_spills_compiles_without_launching():
+    from fastconv.triton_kernels._tuning import compiled_spills
+
+    config = _configs(1)[0]
+    jit = _FakeJit({16: 5})
+    # The autotuner passes the launch's grid and warmup flag along with its constexprs.
+    assert compiled_spills(jit, {"x_ptr": "x", "n": 7}, {"grid": (9,), "warmup": False, "ACT": 2}, config) == 5
+    (args, grid, kwargs), = jit.calls
+    assert args == () and grid == (1,)
+    assert kwargs == {"x_ptr": "x", "n": 7, "ACT": 2, **config.all_kwargs()}
+    assert compiled_spills(_FakeJit({16: None}), {}, {}, config) is None  # does not load: kept
+
+
+def _tuned_kernel(monkeypatch, interpret: str, autotune_env: str):
+    import triton
+    import triton.language as tl
+
+    from fastconv.triton_kernels import _tuning
+
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setenv("FASTCONV_TRITON_AUTOTUNE", autotune_env)
+
+    def kernel(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    return _tuning.autotune(configs=_configs(3), key=["n"])(triton.jit(kernel))
+
+
+def test_autotune_prunes_spilling_candidates_before_timing(monkeypatch):
+    from fastconv.triton_kernels import _tuning
+
+    tuner = _tuned_kernel(monkeypatch, "0", "1")
+    spills = {16: 40, 32: 0, 64: 0}
+    monkeypatch.setattr(_tuning, "compiled_spills", lambda kernel, nargs, kwargs, config: spills[config.kwargs["BLOCK"]])
+    tuner.nargs = {"x_ptr": None, "n": 3}
+    # Triton's own entry point (the same in 3.6 and 3.8): early_config_prune(configs, nargs, **kwargs).
+    assert [c.kwargs["BLOCK"] for c in tuner.prune_configs({"grid": (1,), "warmup": False})] == [32, 64]
+    spills[32] = spills[64] = 7
+    assert [c.kwargs["BLOCK"] for c in tuner.prune_configs({})] == [32]
+
+
+@pytest.mark.parametrize("interpret, autotune_env", [("1", "1"), ("0", "0")])
+def test_no_pruning_with_one_config(monkeypatch, interpret, autotune_env):
+    """The interpreter and FASTCONV_TRITON_AUTOTUNE=0 keep one config: nothing to prune, and
+    nothing compiled for it."""
+    tuner = _tuned_kernel(monkeypatch, interpret, autotune_env)
+    assert len(tuner.configs) == 1 and tuner.early_config_prune is None
+    assert len(tuner.all_configs) == 3
+
+
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     every = "--all" in arguments

@@ -5,12 +5,17 @@ has no device timer (Triton's autotuner fails there with "0 active drivers"), so
 TRITON_INTERPRET=1 only the first config is kept: list the one that suits small CPU test
 shapes first. FASTCONV_TRITON_AUTOTUNE=0 does the same on a GPU: the test suite sets it,
 because it checks values, not speed, and compiling every config of every specialisation
-would take minutes; tests/test_gpu.py runs each config explicitly instead.
+would take minutes; tests/test_triton_configs_gpu.py runs each config explicitly instead.
+
+When it does tune, a candidate that spills registers is dropped before it is timed: it costs a
+benchmark and loses anyway (issue 10: 128x256x64 taps tiles spilled 1.2 to 2 KB per thread
+on sm_90). tests/test_triton_configs.py keeps the defaults spill-free, offline.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -20,13 +25,51 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def least_spilling(configs: list[triton.Config], spills: Callable[[triton.Config], Optional[int]]) -> list[triton.Config]:
+    """The configs whose kernel spills nothing, in order; if every one spills, the one that
+    spills least. spills(config) compiles it and says how much it spills (None: unknown, kept).
+    """
+    counts = [(config, spills(config)) for config in configs]
+    free = [config for config, n in counts if not n]
+    if free:
+        return free
+    return [min(counts, key=lambda pair: pair[1])[0]]
+
+
+def compiled_spills(kernel, named_args: dict, kwargs: dict, config: triton.Config) -> Optional[int]:
+    """How many registers one config of `kernel` (a JITFunction) spills for these arguments,
+    from the compiled and loaded kernel: nothing is launched. The autotuner's timing then
+    reuses the compile. None when the kernel does not load (out of shared memory, say): the
+    autotuner's own benchmark reports that."""
+    launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}  # the launch's own
+    try:
+        compiled = kernel.warmup(**named_args, **launch, **config.all_kwargs(), grid=(1,))
+        compiled._init_handles()
+    except Exception:  # noqa: BLE001 - left to the benchmark, which skips configs that fail
+        return None
+    return compiled.n_spills
+
+
+def _spill_pruner(kernel):
+    """An early_config_prune for Triton's autotuner (fn(configs, named_args, **kwargs), the
+    same in Triton 3.6 and 3.8). The autotuner calls it only for a key it has not tuned yet."""
+
+    def prune(configs, named_args, **kwargs):
+        return least_spilling(configs, lambda config: compiled_spills(kernel, named_args, kwargs, config))
+
+    return prune
+
+
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
     tuned = configs
     if interpreting() or os.environ.get("FASTCONV_TRITON_AUTOTUNE", "1") == "0":
         tuned = configs[:1]
 
     def decorate(kernel):
-        tuner = triton.autotune(configs=tuned, key=key, **kwargs)(kernel)
+        options = dict(kwargs)
+        if len(tuned) > 1:  # never under the interpreter, nor without autotuning
+            options.setdefault("prune_configs_by", {"early_config_prune": _spill_pruner(kernel)})
+        tuner = triton.autotune(configs=tuned, key=key, **options)(kernel)
         tuner.all_configs = list(configs)  # for the test that forces every config in turn
         return tuner
 
