@@ -407,6 +407,11 @@ def test_every_candidate_report(tmp_path, record_property):
 # The autotuner's spill pruning (_tuning.py), with a fake compile: no GPU, no ptxas.
 
 
+@pytest.fixture(autouse=True)
+def _kernels_importable():
+    import_kernels()  # a plain source tree too (the Triton 3.6 venv)
+
+
 def _configs(n):
     import triton
 
