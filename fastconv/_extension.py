@@ -20,6 +20,6 @@ def load_extension() -> tuple[Optional[object], str]:
     except ImportError as error:
         return None, (
             f"the extension fastconv._C is not built ({error}); "
-            "build it with `FASTCONV_BUILD_CUDA=1 pip install --no-build-isolation -e .`"
+            "build it in place with `FASTCONV_BUILD_CUDA=1 make build`"
         )
     return module, ""

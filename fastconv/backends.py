@@ -62,11 +62,12 @@ def _status(name: str) -> BackendStatus:
     if name == "torch":
         return BackendStatus(name, True, "")
     if name == "cuda":
+        # The device first: without one, building the extension would not help.
+        if not torch.cuda.is_available():
+            return BackendStatus(name, False, "no CUDA device is visible to torch")
         module, why = load_extension()
         if module is None:
             return BackendStatus(name, False, why)
-        if not torch.cuda.is_available():
-            return BackendStatus(name, False, "no CUDA device is visible to torch")
         return BackendStatus(name, True, "")
     why = _triton_import_error()
     if why:

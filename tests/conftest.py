@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tests check values, not speed: one Triton config per kernel (tests/test_gpu.py runs them all).
+# Tests check values, not speed: one Triton config per kernel (tests/test_triton_configs_gpu.py runs them all).
 os.environ.setdefault("FASTCONV_TRITON_AUTOTUNE", "0")
 
 # Every test starts from the default choice, whatever the calling shell exported.

@@ -8,6 +8,7 @@ against the same reference, plus a small absolute slack.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator, Sequence
 
 import pytest
@@ -42,6 +43,18 @@ def wide(dtype: torch.dtype) -> torch.dtype:
     """The dtype the contract promises for statistics and parameter gradients: float64 for
     float64 inputs, float32 otherwise (written here again, not imported: the tests' own word)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def require_extension() -> None:
+    """At a test module's top: skip the module when fastconv._C is not built, or fail it
+    when FASTCONV_EXPECT_EXTENSION=1 (CI, whose build must have produced it)."""
+    from fastconv._extension import load_extension
+
+    module, why = load_extension()
+    if module is None:
+        if os.environ.get("FASTCONV_EXPECT_EXTENSION") == "1":
+            raise AssertionError(f"FASTCONV_EXPECT_EXTENSION=1 but {why}")
+        pytest.skip(why, allow_module_level=True)
 
 
 def skip_interpreted_bf16_dot(backend: str, dtype: torch.dtype) -> None:

@@ -11,19 +11,14 @@ skipping them.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 import torch
 
-from fastconv._extension import load_extension
+from harness import require_extension
 
-_module, _why = load_extension()
-if _module is None:
-    if os.environ.get("FASTCONV_EXPECT_EXTENSION") == "1":
-        raise AssertionError(f"FASTCONV_EXPECT_EXTENSION=1 but {_why}")
-    pytest.skip(_why, allow_module_level=True)
+require_extension()
 
 cuda = torch.ops.fastconv_cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (kernels are timed on it)")

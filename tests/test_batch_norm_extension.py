@@ -4,25 +4,19 @@ fastconv_cuda::batch_norm_stats and fastconv_cuda::batch_norm_act_backward have 
 that run the CUDA kernels' argument checks and output allocation, so their schemas, output
 shapes, dtypes and layouts, and their error messages are tested here without a GPU; the
 numbers are checked on a GPU by the tests that parametrize over backends (test_conv_bn_act.py,
-test_conv_bn_act_module.py, test_gpu_conv_bn_act.py). With FASTCONV_EXPECT_EXTENSION=1 (CI) a
+test_conv_bn_act_module.py, test_conv_bn_act_gpu.py). With FASTCONV_EXPECT_EXTENSION=1 (CI) a
 missing extension fails these tests instead of skipping them.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from fastconv._extension import load_extension
 from fastconv.ops import batch_norm as batch_norm_ops
+from harness import require_extension
 
-_module, _why = load_extension()
-if _module is None:
-    if os.environ.get("FASTCONV_EXPECT_EXTENSION") == "1":
-        raise AssertionError(f"FASTCONV_EXPECT_EXTENSION=1 but {_why}")
-    pytest.skip(_why, allow_module_level=True)
+require_extension()
 
 ops = torch.ops.fastconv_cuda
 SHAPE = (2, 6, 5, 7)

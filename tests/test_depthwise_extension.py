@@ -4,18 +4,12 @@ layouts and the geometry checks.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from fastconv._extension import load_extension
+from harness import require_extension
 
-_module, _why = load_extension()
-if _module is None:
-    if os.environ.get("FASTCONV_EXPECT_EXTENSION") == "1":
-        raise AssertionError(f"FASTCONV_EXPECT_EXTENSION=1 but {_why}")
-    pytest.skip(_why, allow_module_level=True)
+require_extension()
 
 ops = torch.ops.fastconv_cuda
 

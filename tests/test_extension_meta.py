@@ -11,19 +11,13 @@ returns matches the fake of the fastconv op it implements. With FASTCONV_EXPECT_
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import fastconv
-from fastconv._extension import load_extension
+from harness import require_extension
 
-_module, _why = load_extension()
-if _module is None:
-    if os.environ.get("FASTCONV_EXPECT_EXTENSION") == "1":
-        raise AssertionError(f"FASTCONV_EXPECT_EXTENSION=1 but {_why}")
-    pytest.skip(_why, allow_module_level=True)
+require_extension()
 
 cuda = torch.ops.fastconv_cuda
 fake = torch.ops.fastconv  # called directly: the public functions' autocast checks need a real device

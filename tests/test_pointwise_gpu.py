@@ -91,7 +91,7 @@ def test_pointwise_cuda_graph_into_a_concat_buffer(backend):
 
 
 # Tensor-core GEMM ops of the extension, called directly (fastconv_cuda::pointwise_forward and
-# fastconv_cuda::conv_forward) ----------------------------------------------------------------
+# fastconv_cuda::conv_bn_act_forward) ----------------------------------------------------------------
 
 _ACTS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
 
