@@ -113,7 +113,6 @@ torch.compile; --quick runs one case per kind but compile.
 import contextlib
 import copy
 import math
-import re
 import time
 from dataclasses import dataclass
 
@@ -123,9 +122,13 @@ from ..ceilings import H200_REFERENCE
 from ..common import (DTYPES, auto_choices, backends_to_run, baseline_records, check_fields,
                       cudnn_benchmark, max_errors, newly_picked, pytorch_conv_backend,
                       short_error, time_call)
+from .. import traffic
 from ..records import make_record
 from ..timing import Rotation, rotation_count, synchronize
 from . import Suite, register
+from .conv_bn_act_cases import (COMPILE_SHAPES, CPU_SHAPES, GPU_QUICK_COMPILE, GPU_QUICK_INFERENCE,
+                                GPU_QUICK_TRAIN, GPU_SHAPES, Case, _route, activation_units,
+                                conv_bytes)
 
 SUITE = "conv_bn_act"
 # The order the cases run in: bytes first (it costs no timing), compile last (--time-budget cuts
@@ -137,134 +140,7 @@ EAGER_TRAIN = "eager conv+bn+act autograd"
 COMPILED = "torch.compile frozen max-autotune"
 
 
-@dataclass(frozen=True)
-class Shape:
-    model: str
-    n: int
-    c_in: int
-    c_out: int
-    h: int        # H = W of the input
-    stride: int
-    activation: str
-    k: int = 3
-
-    @property
-    def padding(self):
-        return self.k // 2
-
-    @property
-    def out_h(self):
-        return (self.h + 2 * self.padding - self.k) // self.stride + 1
-
-    @property
-    def gemm(self):
-        """(M, K, N) of the implicit GEMM."""
-        return self.n * self.out_h * self.out_h, self.c_in * self.k * self.k, self.c_out
-
-    @property
-    def name(self):
-        return f"{self.n}x{self.c_in}x{self.h}x{self.h}->{self.c_out} k{self.k} s{self.stride}"
-
-    def small(self):
-        """The instance the bytes check traces: batch 2, the same channels, kernel and stride."""
-        return Shape(self.model, 2, self.c_in, self.c_out, min(self.h, 16), self.stride,
-                     self.activation, self.k)
-
-
-STEM = [Shape("mobilenetv2", 128, 3, 32, 224, 2, "relu6")]
-# torchvision ResNet50 (v1.5): (C, H, stride) of each distinct 3x3 conv, C_in = C_out.
-RESNET50 = [Shape("resnet50", 64, c, c, h, s, "relu")
-            for c, h, s in [(64, 56, 1), (128, 56, 2), (128, 28, 1), (256, 28, 2), (256, 14, 1),
-                            (512, 14, 2), (512, 7, 1)]]
-# VGG16: (C_in, C_out, H) of each distinct 3x3 conv, stride 1.
-VGG16 = [Shape("vgg16", 64, ci, co, h, 1, "relu")
-         for ci, co, h in [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112),
-                           (128, 256, 56), (256, 256, 56), (256, 512, 28), (512, 512, 28),
-                           (512, 512, 14)]]
-GPU_SHAPES = STEM + RESNET50 + VGG16
-# The torch.compile subset: the stem, a mid ResNet50 layer, a large matrix-bound VGG16 layer.
-COMPILE_SHAPES = [STEM[0], RESNET50[2], VGG16[5]]
-# --quick on a GPU: inference on the stem, a mid, a stride-2 and the smallest ResNet50 layer and
-# one matrix-bound VGG16 layer; train on the stem, the mid ResNet50 layer and one VGG16 layer;
-# torch.compile on the mid ResNet50 layer only.
-GPU_QUICK_INFERENCE = [STEM[0], RESNET50[2], RESNET50[3], RESNET50[6], VGG16[5]]
-GPU_QUICK_TRAIN = [STEM[0], RESNET50[2], VGG16[3]]
-GPU_QUICK_COMPILE = [RESNET50[2]]
-# On the CPU the run only checks the harness: tiny shapes, seconds in all.
-CPU_SHAPES = [Shape("tiny", 2, 3, 8, 16, 2, "relu6"), Shape("tiny", 2, 8, 8, 8, 1, "relu"),
-              Shape("tiny", 2, 8, 16, 8, 1, "relu")]
-
 DEFAULT_BACKENDS = ["cuda", "triton", "auto"]
-
-
-@dataclass(frozen=True)
-class Case:
-    shape: Shape
-    dtype: str
-    kind: str     # "inference", "compile", "train" or "bytes"
-    layout: str = "channels_last"
-
-    @property
-    def mode(self):
-        return {"inference": "fwd", "compile": "fwd", "train": "train", "bytes": "bytes"}[self.kind]
-
-    def tensor_bytes(self):
-        """(|x|, A = |y|, |w|) in bytes."""
-        s, item = self.shape, DTYPES[self.dtype].itemsize
-        x = s.n * s.c_in * s.h * s.h * item
-        y = s.n * s.c_out * s.out_h * s.out_h * item
-        w = s.c_out * s.c_in * s.k * s.k * item
-        return x, y, w
-
-    def gemm_flops(self):
-        m, k, n = self.shape.gemm
-        return 2 * m * k * n
-
-    def bytes_moved(self):
-        x, a, w = self.tensor_bytes()
-        if self.kind == "train":
-            return activation_units(self.shape)["fused"] * a + conv_bytes(self)
-        return x + a + w + 4 * self.shape.c_out  # the float32 shift of the folded BatchNorm
-
-    def flops(self):
-        return self.gemm_flops() * (3 if self.kind == "train" else 1)
-
-
-def _route(shape):
-    """Which fastconv kernel serves the conv ("depthwise", "pointwise" or "gemm")."""
-    try:
-        from fastconv.ops.conv_bn_act import route
-        return route(shape.c_in, (shape.c_out, shape.c_in, shape.k, shape.k),
-                     (shape.stride, shape.stride), (shape.padding,) * 4, 1)
-    except (ImportError, AttributeError):
-        return "gemm"
-
-
-# The byte-count model (module docstring) -------------------------------------------------------
-
-EAGER_PASSES = {"conv writes c": 1, "bn fwd: c read twice, b written": 3,
-                "act: b read, y written": 2,
-                "act bwd: grad_y and y read, grad_b written": 3,
-                "bn bwd: grad_b and c read twice, grad_c written": 5}
-FUSED_PASSES = {"conv writes c (+stats)": 1, "normalise+act: c read, y written": 2,
-                "bn+act bwd: grad_y and c read twice, grad_c written": 5}
-# Re-reads inside one kernel, which an op-level trace cannot see.
-EAGER_REREADS = 1 + 2   # BN forward's second read of c; BN backward's second read of grad_b, c
-FUSED_REREADS = 2       # the fused backward's second read of grad_y and c
-
-
-def activation_units(shape):
-    """Activation traffic of one training step in units of A: {"eager", "fused", ...touches}."""
-    eager, fused = sum(EAGER_PASSES.values()), sum(FUSED_PASSES.values())
-    return {"eager": eager, "fused": fused, "eager_touches": eager - EAGER_REREADS,
-            "fused_touches": fused - FUSED_REREADS}
-
-
-def conv_bytes(case):
-    """The conv's own traffic in a training step, the same on both sides: forward x, w;
-    grad_input grad_c, w, grad_x; grad_weight grad_c, x, grad_w."""
-    x, a, w = case.tensor_bytes()
-    return 3 * x + 2 * a + 3 * w
 
 
 # Cases -------------------------------------------------------------------------------------
@@ -544,86 +420,14 @@ def _run_timed(case, ctx):
 
 # The bytes case --------------------------------------------------------------------------------
 
-def _storage(t):
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-# Convolutions at the dispatcher: aten's convolution(_backward), cudnn_convolution, ...;
-# fastconv's conv2d_batch_stats, conv2d_bn_act, depthwise_conv2d, pointwise_conv2d (+ backward).
-_CONV_OP = re.compile(r"conv(olution|2d|_depthwise|_dilated|_transpose)")
-
-
-def _trace_class():
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    no_traffic = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-                  "lift_fresh", "detach", "alias"}
-    fills = {"zeros_like", "ones_like", "full_like", "fill_", "zero_"}  # write, read nothing
-
-    class ActivationTrace(TorchDispatchMode):
-        """Each top-level op's reads and writes of activation tensors: what a conv forward
-        writes, grad_y, and whatever an op computes from them, never x or grad_x (a conv
-        backward's outputs). An op sees each tensor once, so these are touches, not passes."""
-
-        def __init__(self, act_numel, seeds):
-            super().__init__()
-            self.act_numel = act_numel
-            self.acts = {_storage(t) for t in seeds} - {None}
-            self.ops = []  # (name, reads, writes); the conv backward's grad_c read is the conv's
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            name = str(func).split(".")[1] if str(func).count(".") >= 2 else str(func)
-            if func.is_view or name in no_traffic:
-                return out
-            ins = {_storage(t) for t in tree_flatten((args, kwargs))[0]
-                   if isinstance(t, torch.Tensor) and t.numel() == self.act_numel} - {None}
-            touched = len(ins & self.acts)
-            reads = 0 if name in fills else touched
-            if name in fills:
-                name += " (fill)"
-            conv = _CONV_OP.search(name) is not None
-            results = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-            outs = [t for t in results if t.numel() == self.act_numel]
-            writes = 0
-            if conv and "backward" in name:
-                name = "(conv) " + name  # its read of grad_c is the conv's own traffic
-            elif (conv or touched) and outs:
-                writes = len(outs)
-            new = {_storage(t) for t in outs[:writes]} - {None}
-            # Any other result is not an activation, even where the allocator reuses the address
-            # of one that was freed.
-            self.acts -= {_storage(t) for t in results} - new
-            self.acts |= new
-            if reads or writes or conv:
-                self.ops.append((name, reads, writes))
-            return out
-
-    return ActivationTrace
-
-
 def _trace(case, module, i, device, backend=None):
     """[(op, reads, writes)] of one training step of module on input set i."""
-    import fastconv
-    trace = _trace_class()(i.g.numel(), [i.g])
-    chosen = fastconv.use_backend(backend) if backend else contextlib.nullcontext()
-    with chosen, trace:
+    def step():
         with _amp(case, device):
             y = module(i.x)
         torch.autograd.grad(y, (i.x,) + _params(module), i.g)
-    return trace.ops
 
-
-def _touches(ops):
-    return sum(r + w for name, r, w in ops if not name.startswith("(conv)"))
-
-
-def _ops_text(ops):
-    return " | ".join(f"{name} R{r}W{w}" for name, r, w in ops)
+    return traffic.trace(step, i.g, backend)
 
 
 def _run_bytes(case, ctx):
@@ -641,14 +445,14 @@ def _run_bytes(case, ctx):
     try:
         fused_ops = _trace(small, module, first, ctx.device, backend="torch")
         eager_ops = _trace(small, _eager(module), first, ctx.device)
-        traced_eager, traced_fused = _touches(eager_ops), _touches(fused_ops)
+        traced_eager, traced_fused = traffic.touches(eager_ops), traffic.touches(fused_ops)
         ok = traced_eager >= units["eager_touches"] and traced_fused == units["fused_touches"]
         eager_traced_units = units["eager"] + max(0, traced_eager - units["eager_touches"])
         extra.update(check="ok" if ok else "mismatch", traced_touches_eager=traced_eager,
                      activation_units_eager_traced=eager_traced_units,
                      activation_bytes_ratio_traced=units["fused"] / eager_traced_units,
-                     traced_touches_fused=traced_fused, traced_ops_eager=_ops_text(eager_ops),
-                     traced_ops_fused=_ops_text(fused_ops), traced_shape=small.shape.name)
+                     traced_touches_fused=traced_fused, traced_ops_eager=traffic.ops_text(eager_ops),
+                     traced_ops_fused=traffic.ops_text(fused_ops), traced_shape=small.shape.name)
     except Exception as exc:
         extra["error"] = short_error(exc)
 
