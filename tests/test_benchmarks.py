@@ -16,7 +16,7 @@ REQUIRED_FIELDS = {
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run in gpu_check.sh's own step")
-@pytest.mark.parametrize("suite", ["bn_act", "depthwise", "pointwise", "conv_bn_act"])
+@pytest.mark.parametrize("suite", ["bn_act", "depthwise", "pointwise", "conv_bn_act", "fused_blocks"])
 def test_quick_cpu_run_writes_records_summary_and_plot(tmp_path, suite):
     assert main([suite, "--quick", "--backend", "auto", "--single-file", "--out", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "records.json").read_text())

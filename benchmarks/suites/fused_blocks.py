@@ -1,0 +1,159 @@
+"""fused_blocks suite: the MobileNetV2 inverted residual as one kernel (fastconv.nn.InvertedResidual
+in eval), against torchvision's block on cuDNN (eager) and torch.compile max-autotune of it.
+
+Memory-bound by design: the floor is the block's I/O, x read once and y written once (plus the
+residual's read), at the copy bandwidth. The eager chain also writes and reads the expanded
+(6x wide) tensor twice; the fused kernel never stores it, at the price of recomputing the
+expansion once per depthwise tap (`fastconv.triton_kernels.inverted_residual.traffic`, whose
+counts, which need no GPU, are recorded beside the timings: `kernel_flops` against
+`block_flops`, `load_bytes` against `io_floor_bytes`).
+
+Shapes: every distinct MobileNetV2 block at batch 128 (benchmarks/FLOORS.md's list), fp16,
+channels_last, eval. On the CPU only the harness is checked: one tiny block, fp32.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..common import DTYPES, backends_to_run, baseline_records, short_error, time_call, tolerance
+from ..timing import Rotation, rotation_count, synchronize
+from . import Suite, register
+
+SUITE = "fused_blocks"
+DEFAULT_BACKENDS = ["triton", "auto"]
+EAGER = "eager torchvision InvertedResidual"
+COMPILED = "torch.compile max-autotune"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One InvertedResidual: (C_in, H=W of its input, C_out, stride, expansion ratio)."""
+    c_in: int
+    h: int
+    c_out: int
+    stride: int
+    ratio: int
+    n: int = 128
+
+    @property
+    def name(self):
+        return f"{self.n}x{self.c_in}x{self.h}x{self.h}->t{self.ratio}->{self.c_out} s{self.stride}"
+
+    @property
+    def residual(self):
+        return self.stride == 1 and self.c_in == self.c_out
+
+
+# torchvision mobilenet_v2's distinct blocks at 224x224: (C_in, H, C_out, stride, t).
+MOBILENET_V2 = [Block(*b) for b in [
+    (32, 112, 16, 1, 1), (16, 112, 24, 2, 6), (24, 56, 24, 1, 6), (24, 56, 32, 2, 6), (32, 28, 32, 1, 6),
+    (32, 28, 64, 2, 6), (64, 14, 64, 1, 6), (64, 14, 96, 1, 6), (96, 14, 96, 1, 6), (96, 14, 160, 2, 6),
+    (160, 7, 160, 1, 6), (160, 7, 320, 1, 6),
+]]
+GPU_QUICK = [MOBILENET_V2[i] for i in (1, 2, 6, 10)]
+CPU_BLOCKS = [Block(16, 7, 16, 1, 2, n=1), Block(8, 9, 12, 2, 1, n=1)]
+
+
+@dataclass(frozen=True)
+class Case:
+    block: Block
+    dtype: str
+    layout: str = "channels_last"
+    mode: str = "fwd"
+
+
+def _cases(ctx):
+    blocks = CPU_BLOCKS if ctx.device == "cpu" else (GPU_QUICK if ctx.quick else MOBILENET_V2)
+    dtypes = ctx.dtypes or (["fp32"] if ctx.device == "cpu" else ["fp16"])
+    return [Case(b, d) for b in blocks for d in dtypes]
+
+
+def _describe(case):
+    return f"{case.block.name} {case.dtype}"
+
+
+def _torchvision_block(block: Block, device, dtype):
+    """torchvision's InvertedResidual with random BatchNorm statistics and affine parameters
+    (the defaults, mean 0 and variance 1, would hide a wrong fold)."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    module = InvertedResidual(block.c_in, block.c_out, block.stride, block.ratio)
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+    return module.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+
+
+def _traffic(block: Block, element_size: int):
+    from fastconv.triton_kernels.inverted_residual import traffic
+
+    hidden = block.c_in * block.ratio
+    return traffic(block.n, block.c_in, block.h, block.h, hidden, block.c_out, stride=block.stride,
+                   expand=block.ratio != 1, residual=block.residual, element_size=element_size)
+
+
+def _run(case, ctx):
+    import fastconv
+
+    block, dtype, device = case.block, DTYPES[case.dtype], ctx.device
+    eager = _torchvision_block(block, device, dtype)
+    fused = fastconv.nn.InvertedResidual.from_torchvision(copy.deepcopy(eager)).eval()
+    x_bytes = block.n * block.c_in * block.h * block.h * dtype.itemsize
+    sets = rotation_count(x_bytes, ctx.l2_bytes, device)
+    rotation = Rotation(
+        torch.randn(block.n, block.c_in, block.h, block.h, device=device, dtype=dtype)
+        .contiguous(memory_format=torch.channels_last) for _ in range(sets)
+    )
+    first = rotation.sets[0]
+    with torch.no_grad():
+        ref32 = _torchvision_block(block, device, torch.float32)(first.float())
+        eager_err = (eager(first).float() - ref32).abs().max().item()
+
+    def step_of(module):
+        def step():
+            with torch.no_grad():
+                return module(rotation.next())
+        return step
+
+    baselines = {EAGER: (time_call(step_of(eager), ctx), None)}
+    if ctx.compile:
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(eager, mode="max-autotune", dynamic=False)
+            step_of(compiled)()  # compile and autotune outside the timing
+            synchronize(device)
+            baselines[COMPILED] = (time_call(step_of(compiled), ctx), None)
+        except Exception as exc:  # recorded; the other numbers still count
+            baselines[COMPILED] = (None, short_error(exc))
+
+    counted = _traffic(block, dtype.itemsize)
+    io_bytes = counted.io_floor_bytes
+    common = dict(
+        suite=SUITE, case=block.name, dtype=case.dtype, layout=case.layout, mode=case.mode, activation="relu6",
+        bytes_moved=io_bytes, flops=counted.flops, floor_ms=ctx.floor_ms(io_bytes), input_sets=sets,
+        eager_max_abs_err=eager_err, unfused_bytes=counted.unfused_bytes, load_bytes=counted.load_bytes, dram_bytes_estimate=counted.dram_bytes_estimate,
+        kernel_flops=counted.kernel_flops, C_in=block.c_in, C_out=block.c_out, H=block.h, stride=block.stride,
+        expansion=block.ratio, N=block.n,
+    )  # fmt: skip
+    tol = tolerance(eager_err, dtype, ref32.abs().max().item())
+    records = []
+    for backend in backends_to_run(ctx, SUITE, DEFAULT_BACKENDS):
+        extra = {}
+        with fastconv.use_backend(backend):
+            try:
+                with torch.no_grad():
+                    err = (fused(first).float() - ref32).abs().max().item()
+                extra.update(max_abs_err=err, check="ok" if err <= tol else "mismatch")
+                t = time_call(step_of(fused), ctx)
+            except Exception as exc:
+                t, extra["error"] = None, short_error(exc)
+        records += baseline_records(ctx, backend, t, baselines, common, extra)
+    return records
+
+
+register(Suite(name=SUITE, cases=_cases, run_case=_run, describe=_describe, order=50))
