@@ -14,11 +14,12 @@ from fastconv.ops import (
     inverted_residual,
     pointwise_conv2d,
 )
+from fastconv.optimize import optimize  # the function: fastconv.optimize(model)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backends", "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "get_backend",
-    "inverted_residual", "nn", "pointwise_conv2d", "reference", "set_backend",
+    "inverted_residual", "nn", "optimize", "pointwise_conv2d", "reference", "set_backend",
     "use_backend",
 ]

@@ -1,12 +1,14 @@
 """Drop-in nn.Modules built on the fastconv ops; state_dicts match their torch.nn originals."""
 
+from fastconv.nn._pipeline import convert_blocks
 from fastconv.nn.batch_norm import BatchNormAct2d, SyncBatchNormAct2d, convert_sync_batchnorm
 from fastconv.nn.conv_bn_act import ConvBNAct2d, convert_conv_bn_act
 from fastconv.nn.depthwise import DepthwiseConv2d, convert_depthwise
 from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResidual
 from fastconv.nn.pointwise import PointwiseConv2d, convert_pointwise
+from fastconv.nn.resnet import ResNetBlock
 
 __all__ = [
     "BatchNormAct2d", "ConvBNAct2d", "DepthwiseConv2d", "DepthwiseSeparableConv2d", "InvertedResidual", "PointwiseConv2d",
-    "SyncBatchNormAct2d", "convert_conv_bn_act", "convert_depthwise", "convert_pointwise", "convert_sync_batchnorm",
+    "ResNetBlock", "SyncBatchNormAct2d", "convert_blocks", "convert_conv_bn_act", "convert_depthwise", "convert_pointwise", "convert_sync_batchnorm",
 ]

@@ -50,6 +50,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, act: Optional[nn.Module] = None) -> "BatchNormAct2d":
         """Wrap an existing BatchNorm2d (and ReLU/ReLU6/SiLU/Hardswish/Identity), sharing its state."""
+        # Exactly a BatchNorm2d: a subclass carries semantics this module would silently drop
+        # (timm's BatchNormAct2d has its own activation and drop path; fastconv's its activation).
+        if type(bn) is not nn.BatchNorm2d:
+            raise ValueError(f"fastconv: bn must be an nn.BatchNorm2d, not a subclass whose extra semantics would be "
+                             f"dropped; got {type(bn).__module__}.{type(bn).__name__}")  # fmt: skip
         if act is not None and type(act) not in _ACTIVATION_MODULES:
             names = ", ".join(m.__name__ for m in _ACTIVATION_MODULES)
             raise ValueError(f"fastconv: act must be one of {names} or None; got {type(act).__name__}")

@@ -30,6 +30,8 @@ from fastconv._validation import fail
 from fastconv.activations import activation_code
 from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
+from fastconv.nn.depthwise import DepthwiseConv2d
+from fastconv.nn.pointwise import PointwiseConv2d
 from fastconv.ops._common import autocast_inputs
 from fastconv.ops.conv_bn_act import routed_conv2d_bn_act
 
@@ -47,6 +49,29 @@ def _activation_name(act: Union[None, str, nn.Module]) -> Optional[str]:
         names = ", ".join(m.__name__ for m in _ACTIVATION_NAMES) + ", Identity"
         fail(f"act must be one of {names}, an activation name or None; got {type(act).__name__}")
     return _ACTIVATION_NAMES[type(act)]
+
+
+def plain_conv2d(conv: nn.Module) -> Optional[nn.Conv2d]:
+    """conv as a plain nn.Conv2d sharing its parameters, or None if it is not one.
+
+    fastconv's DepthwiseConv2d and PointwiseConv2d are nn.Conv2d with the same semantics, run
+    by another kernel; inside a fused unit the unit's own kernel runs the conv, so they are
+    swapped back. This is what lets the per-kind converters run in any order without undoing
+    a fusion. Any other subclass (timm's Conv2dSame, say) has its own forward: None.
+    """
+    if type(conv) is nn.Conv2d:
+        return conv
+    if type(conv) not in (DepthwiseConv2d, PointwiseConv2d):
+        return None
+    plain = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+    )  # fmt: skip
+    plain.weight, plain.bias = conv.weight, conv.bias
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+        setattr(plain, name, getattr(conv, name))
+    plain.train(conv.training)
+    return plain
 
 
 def _check_bn_arguments(eps, momentum) -> None:
@@ -116,12 +141,18 @@ class ConvBNAct2d(nn.Sequential):
 
         `act` is an activation module (ReLU, ReLU6, SiLU, Hardswish, Identity), a name, or None.
         """
-        if not isinstance(conv, nn.Conv2d):
-            fail(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
+        # Exact types: a subclass (timm's Conv2dSame, timm's BatchNormAct2d with its activation
+        # and drop path) has semantics the fused kernels would silently drop.
+        plain = plain_conv2d(conv)
+        if plain is None:
+            fail(f"conv must be an nn.Conv2d (or fastconv's DepthwiseConv2d/PointwiseConv2d), not a subclass with "
+                 f"its own forward; got {type(conv).__module__}.{type(conv).__name__}")  # fmt: skip
+        conv = plain
         if conv.padding_mode != "zeros":
             fail(f"conv.padding_mode must be 'zeros'; got {conv.padding_mode!r}")
-        if not isinstance(bn, nn.BatchNorm2d):
-            fail(f"bn must be an nn.BatchNorm2d; got {type(bn).__name__}")
+        if type(bn) is not nn.BatchNorm2d:
+            fail(f"bn must be an nn.BatchNorm2d, not a subclass whose extra semantics would be dropped; "
+                 f"got {type(bn).__module__}.{type(bn).__name__}")  # fmt: skip
         if bn.num_features != conv.out_channels:
             fail(f"bn.num_features must equal conv.out_channels={conv.out_channels}; got {bn.num_features}")
         activation = _activation_name(act)
@@ -221,21 +252,31 @@ class ConvBNAct2d(nn.Sequential):
 
 
 def convert_conv_bn_act(model: nn.Module) -> nn.Module:
-    """Replace, in place, every ``nn.Sequential(Conv2d, BatchNorm2d[, activation])`` (such as
-    torchvision's Conv2dNormActivation) by a ConvBNAct2d sharing its modules. State_dict keys
-    do not change. Returns the model."""
-    for name, child in model.named_children():
-        if _is_conv_bn_act(child):
-            setattr(model, name, ConvBNAct2d.from_modules(*child))
-        else:
-            convert_conv_bn_act(child)
-    return model
+    """Replace, in place, every Conv2d -> BatchNorm2d[ -> activation] that fastconv fuses by its
+    fused module, sharing its modules: ``nn.Sequential(Conv2d, BatchNorm2d[, act])`` (such as
+    torchvision's Conv2dNormActivation) by a ConvBNAct2d, torchvision's InvertedResidual by
+    fastconv's, torchvision's ResNet blocks by ResNetBlock, runs of Conv2d, BatchNorm2d[, act]
+    children inside a plain nn.Sequential by FusedSequential. State_dict keys do not change.
+
+    The fusion part of `fastconv.optimize`'s pipeline (fastconv/nn/_pipeline.py): together with
+    convert_depthwise and convert_pointwise, in any order or repetition, it gives optimize's
+    model. Returns the model."""
+    from fastconv.nn import _pipeline  # the pipeline imports this module
+
+    return _pipeline.convert(model, ("fuse",))
 
 
-def _is_conv_bn_act(module: nn.Module) -> bool:
+def is_conv_bn_act(module: nn.Module) -> bool:
+    """Whether module is an nn.Sequential(Conv2d, BatchNorm2d[, activation]) ConvBNAct2d can
+    take over (ConvBNAct2d itself excluded); the conv may be fastconv's Depthwise/PointwiseConv2d."""
     if not isinstance(module, nn.Sequential) or isinstance(module, ConvBNAct2d) or len(module) not in (2, 3):
         return False
-    conv, bn = module[0], module[1]
-    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or type(bn) is not nn.BatchNorm2d:
+    if type(module).forward is not nn.Sequential.forward:
+        return False  # a Sequential subclass with its own forward
+    conv, bn = plain_conv2d(module[0]), module[1]
+    if conv is None or conv.padding_mode != "zeros" or type(bn) is not nn.BatchNorm2d:
         return False
     return len(module) == 2 or type(module[2]) in _ACTIVATION_NAMES or type(module[2]) is nn.Identity
+
+
+_is_conv_bn_act = is_conv_bn_act  # the earlier private name

@@ -73,10 +73,13 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def convert_depthwise(model: nn.Module) -> nn.Module:
     """Replace, in place, every depthwise nn.Conv2d of `model` by a DepthwiseConv2d sharing its
-    parameters; returns the model. The state_dict is unchanged."""
-    for name, child in model.named_children():
-        if is_depthwise(child):
-            setattr(model, name, DepthwiseConv2d.from_conv(child))
-        else:
-            convert_depthwise(child)
-    return model
+    parameters; returns the model (a new one only when `model` itself is such a conv). The
+    state_dict is unchanged.
+
+    A part of `fastconv.optimize`'s pipeline (fastconv/nn/_pipeline.py): convs inside fastconv's
+    fused modules (ConvBNAct2d, InvertedResidual, ...) are left to the fused unit's kernel, and
+    the fusing converters take a conv swapped here, so any order of the converters keeps every
+    fusion."""
+    from fastconv.nn import _pipeline  # the pipeline imports this module
+
+    return _pipeline.convert(model, ("depthwise",))

@@ -1,0 +1,237 @@
+"""The one conversion pipeline behind fastconv.optimize and the per-kind converters.
+
+Each converter (convert_blocks, convert_conv_bn_act, convert_depthwise, convert_pointwise) is
+one or more *parts* of a single walk, so that any order or repetition of them, and optimize,
+give the same model:
+
+* the walk never descends into a fastconv fused module (ConvBNAct2d, InvertedResidual,
+  DepthwiseSeparableConv2d, ResNetBlock): a conv there is run by the unit's kernel, and
+  swapping it for a DepthwiseConv2d/PointwiseConv2d is what used to silently undo the fusion;
+* instead, a fused module met on the walk is *repaired*: any DepthwiseConv2d/PointwiseConv2d
+  inside it (put there by hand, or by an older converter) becomes a plain Conv2d sharing its
+  parameters, so the unit takes its fused path again;
+* every pattern accepts fastconv's DepthwiseConv2d/PointwiseConv2d where it expects a Conv2d,
+  so a conv swapped by convert_depthwise/convert_pointwise is still fused later.
+
+The parts, in optimize's order:
+
+    "blocks"     torchvision InvertedResidual -> fastconv InvertedResidual; torchvision
+                 BasicBlock/Bottleneck -> ResNetBlock; a torchvision ResNet's stem bn1 + relu
+                 -> BatchNormAct2d + Identity (the conv stays: see optimize's report)
+    "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d
+    "depthwise"  a remaining Conv2d with groups == in_channels -> DepthwiseConv2d
+    "pointwise"  a remaining plain 1x1 Conv2d -> PointwiseConv2d
+
+A pattern is taken only when none of its modules has a hook (a fused kernel would bypass it)
+and, for Sequentials, when the class keeps nn.Sequential's forward. What is left alone, and
+why, is recorded in a Report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastconv.nn.batch_norm import BatchNormAct2d
+from fastconv.nn.conv_bn_act import _ACTIVATION_NAMES, ConvBNAct2d, is_conv_bn_act, plain_conv2d
+from fastconv.nn.depthwise import DepthwiseConv2d, is_depthwise
+from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResidual
+from fastconv.nn.pointwise import PointwiseConv2d, is_pointwise
+from fastconv.nn.resnet import ResNetBlock, is_torchvision_resnet_block
+
+PARTS = ("blocks", "fuse", "depthwise", "pointwise")
+FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@dataclasses.dataclass
+class Report:
+    """What a conversion did: `replaced` rows (path, from, to) and `skipped` rows (path, kind, why)."""
+
+    replaced: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether module or any submodule has a hook a fused kernel would bypass."""
+    return any(getattr(m, name, None) for m in module.modules() for name in _HOOKS)
+
+
+def _is_torchvision(module: nn.Module, module_name: str, class_name: str) -> bool:
+    return type(module).__name__ == class_name and type(module).__module__ == f"torchvision.models.{module_name}"
+
+
+def _repair(module: nn.Module, path: str, report: Report) -> None:
+    """Inside a fused module, every Depthwise/PointwiseConv2d back to a plain Conv2d."""
+    for parent_path, parent in module.named_modules(prefix=path):
+        for name, child in _children(parent):
+            if type(child) in (DepthwiseConv2d, PointwiseConv2d):
+                setattr(parent, name, plain_conv2d(child))
+                report.replaced.append((f"{parent_path}.{name}".lstrip("."), type(child).__name__,
+                                        "Conv2d (run by the fused unit around it)"))  # fmt: skip
+
+
+def _block(child: nn.Module) -> Optional[nn.Module]:
+    """The fused module for a torchvision block, or None."""
+    if _is_torchvision(child, "mobilenetv2", "InvertedResidual"):
+        conv = getattr(child, "conv", None)
+        if isinstance(conv, nn.Sequential) and len(conv) in (3, 4):
+            # The projection may have been swapped for a PointwiseConv2d by convert_pointwise.
+            plain = plain_conv2d(conv[-2])
+            if plain is not None:
+                conv[-2] = plain
+        return InvertedResidual.from_torchvision(child)
+    if is_torchvision_resnet_block(child):
+        return ResNetBlock.from_torchvision(child)
+    return None
+
+
+def _stem(model: nn.Module, path: str, report: Report) -> None:
+    """A torchvision ResNet's stem: bn1 + relu as one BatchNormAct2d. The ResNet's forward runs
+    conv1, bn1, relu in that order and uses self.relu nowhere else, so relu becomes Identity.
+    The conv itself is not fused: conv1 and bn1 are attributes of the model, and one module for
+    both would change the state_dict keys."""
+    bn, relu = getattr(model, "bn1", None), getattr(model, "relu", None)
+    if type(bn) is not nn.BatchNorm2d or type(relu) is not nn.ReLU or hooked(bn) or hooked(relu):
+        return
+    model.bn1 = BatchNormAct2d.from_modules(bn, relu)
+    model.relu = nn.Identity()
+    prefix = f"{path}." if path else ""
+    report.replaced.append((f"{prefix}bn1", "BatchNorm2d + ReLU", "BatchNormAct2d (stem; conv1 left unfused)"))
+    report.replaced.append((f"{prefix}relu", "ReLU", "Identity (its ReLU is in bn1)"))
+
+
+def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
+    """The replacement of child by the parts asked for, or None."""
+    if "blocks" in parts:
+        block = _block(child)
+        if block is not None:
+            return block
+    if "fuse" in parts and is_conv_bn_act(child):
+        return ConvBNAct2d.from_modules(*child)
+    if "depthwise" in parts and is_depthwise(child):
+        return DepthwiseConv2d.from_conv(child)
+    if "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child):
+        return PointwiseConv2d.from_conv(child)
+    return None
+
+
+def _candidate(child: nn.Module, parts: tuple) -> bool:
+    """Whether child would match a pattern, ignoring hooks (so a hook can be reported)."""
+    return ("blocks" in parts and (_is_torchvision(child, "mobilenetv2", "InvertedResidual")
+                                   or is_torchvision_resnet_block(child))) or (  # fmt: skip
+        "fuse" in parts and is_conv_bn_act(child)
+    ) or ("depthwise" in parts and is_depthwise(child)) or (
+        "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child)
+    )
+
+
+def _children(module: nn.Module) -> list:
+    """(name, child) for every child, a child registered twice included (named_children()
+    yields a shared module once, which would leave its second place unconverted)."""
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
+def _walk(module: nn.Module, path: str, parts: tuple, report: Report, seen: dict) -> None:
+    """`seen` maps id(module) to (module, its replacement or None): a submodule shared by two
+    parents (or met twice) is converted once, and every place that held it gets the one
+    replacement, so the sharing survives. The module is kept in the entry so its id stays its own."""
+    if id(module) in seen:
+        return
+    seen[id(module)] = (module, None)
+    if "blocks" in parts and _is_torchvision(module, "resnet", "ResNet"):
+        _stem(module, path, report)
+    for name, child in _children(module):
+        child_path = f"{path}.{name}" if path else name
+        if isinstance(child, torch.jit.ScriptModule):
+            report.skipped.append((child_path, type(child).__name__, "TorchScript module: its code is compiled"))
+            continue
+        if isinstance(child, FUSED):
+            _repair(child, child_path, report)
+            continue
+        if id(child) in seen and seen[id(child)][1] is not None:
+            setattr(module, name, seen[id(child)][1])
+            report.replaced.append((child_path, type(child).__name__, f"{type(seen[id(child)][1]).__name__} (shared)"))
+            continue
+        if _candidate(child, parts):
+            if hooked(child):
+                report.skipped.append((child_path, type(child).__name__, "has a hook, which a fused kernel would bypass"))
+                continue
+            replacement = _swap(child, parts)
+            setattr(module, name, replacement)
+            seen[id(child)] = (child, replacement)
+            report.replaced.append((child_path, type(child).__name__, type(replacement).__name__))
+            if isinstance(replacement, FUSED):
+                _repair(replacement, child_path, report)
+            continue
+        _walk(child, child_path, parts, report, seen)
+
+
+def convert(model: nn.Module, parts: tuple = PARTS, report: Optional[Report] = None) -> nn.Module:
+    """Apply the given parts of the pipeline to model, in place; returns model."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"fastconv: parts must be among {PARTS}; got {unknown}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"fastconv: model must be an nn.Module; got {type(model).__name__}")
+    report = Report() if report is None else report
+    # A holder, so that the model itself can be replaced (a bare Sequential(Conv2d, BN, act)).
+    holder = nn.Module()
+    holder.model = model
+    # A part fuses only what the parts before it in PARTS order left; running the asked parts
+    # as separate walks in that order is what makes any call order give optimize's model.
+    start = len(report.replaced), len(report.skipped)
+    for part in PARTS:
+        if part in parts:
+            _walk(holder, "", (part,), report, {})
+    for rows, begin in ((report.replaced, start[0]), (report.skipped, start[1])):
+        rows[begin:] = [(_unhold(path), *rest) for path, *rest in rows[begin:]]
+    return holder.model
+
+
+def _unhold(path: str) -> str:
+    return "(model)" if path == "model" else path[len("model."):]
+
+
+def convert_blocks(model: nn.Module) -> nn.Module:
+    """Replace, in place, torchvision's InvertedResidual by fastconv's InvertedResidual and
+    torchvision's ResNet BasicBlock/Bottleneck by ResNetBlock (sharing their modules; the same
+    state_dict keys), and fuse a torchvision ResNet's stem BatchNorm and ReLU. Returns the
+    model. The block part of `fastconv.optimize`'s pipeline; see this module's docstring."""
+    return convert(model, ("blocks",))
+
+
+def leftovers(model: nn.Module, report: Report) -> None:
+    """Record every BatchNorm left outside a fastconv module, and why it was not fused."""
+
+    def visit(module: nn.Module, path: str, seen: set) -> None:
+        if id(module) in seen or isinstance(module, FUSED + (BatchNormAct2d,)):
+            return
+        seen.add(id(module))
+        children = _children(module)
+        for i, (name, child) in enumerate(children):
+            child_path = f"{path}.{name}" if path else name
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, BatchNormAct2d):
+                previous = children[i - 1][1] if i else None
+                if type(child) is not nn.BatchNorm2d:
+                    why = f"{type(child).__name__} is not a plain BatchNorm2d"
+                elif isinstance(module, nn.Sequential) and plain_conv2d(previous) is not None:
+                    why = ("after a Conv2d inside a longer Sequential: a fused module for the pair would "
+                           "change the state_dict keys")  # fmt: skip
+                else:
+                    why = f"not after a Conv2d in a pattern fastconv recognises (inside {type(module).__name__})"
+                report.skipped.append((child_path, type(child).__name__, why))
+            elif "squeezeexcit" in type(child).__name__.lower() or type(child).__name__ in ("SEModule", "SqueezeExcite"):
+                report.skipped.append((child_path, type(child).__name__,
+                                       "squeeze-excitation: no fused kernel; its convs converted one by one"))  # fmt: skip
+            visit(child, child_path, seen)
+        if isinstance(module, nn.Sequential) and type(module).forward is not nn.Sequential.forward:
+            report.skipped.append((path, type(module).__name__, "Sequential subclass with its own forward"))
+
+    visit(model, "", set())
+
+
+__all__ = ["PARTS", "Report", "convert", "convert_blocks", "hooked", "leftovers"]

@@ -1,0 +1,329 @@
+"""fastconv.optimize on torchvision models: the same outputs, gradients and BatchNorm updates in
+eval and train, nothing fusable left behind, the per-kind converters as parts of its pipeline
+in any order, idempotence, and what it refuses or leaves alone.
+
+Random init with random BatchNorm statistics and affine parameters, so that the folds matter;
+fp32 on the CPU (the `auto` backend runs the torch reference here), 2x3x64x64 inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastconv
+from fastconv.nn import (
+    BatchNormAct2d, ConvBNAct2d, DepthwiseConv2d, InvertedResidual, PointwiseConv2d, ResNetBlock, convert_blocks,
+    convert_conv_bn_act, convert_depthwise, convert_pointwise,
+)  # fmt: skip
+from fastconv.nn._pipeline import FUSED
+
+FASTCONV_OWNERS = FUSED + (BatchNormAct2d,)
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+    return model
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomized(getattr(torchvision.models, name)(num_classes=10))
+
+
+def structure(model: nn.Module) -> list:
+    """(path, class) of every module, and the ids of the parameters: what a conversion decides."""
+    return [(name, type(module).__name__) for name, module in model.named_modules()]
+
+
+def bn_outside_fastconv(model: nn.Module) -> list[str]:
+    """Paths of the BatchNorms that no fastconv module owns."""
+    found = []
+
+    def visit(module, path):
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if isinstance(child, FASTCONV_OWNERS):
+                continue
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                found.append(child_path)
+            visit(child, child_path)
+
+    visit(model, "")
+    return found
+
+
+def run(model: nn.Module, x: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)  # the classifiers' dropout in training
+    return model(x)
+
+
+def verbose_output(model: nn.Module, **kwargs) -> tuple[nn.Module, str]:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        result = fastconv.optimize(model, verbose=True, **kwargs)
+    return result, buffer.getvalue()
+
+
+MODELS = ["mobilenet_v2", "resnet18", "resnet50", "densenet121", "mobilenet_v3_small"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_optimize_matches_in_eval_and_train_with_gradients(name):
+    """fp32 outputs in eval and train; then the training step in float64, where rounding cannot
+    hide a wrong gradient: in fp32, BatchNorm biases whose exact gradient is 0 (those feeding a
+    conv and a training BatchNorm, which removes any per-channel constant) carry only noise."""
+    original = build(name)
+    optimized = fastconv.optimize(original)
+    assert list(optimized.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized.eval()(x), original.eval()(x), rtol=1e-4, atol=1e-4)
+        original.train(), optimized.train()
+        torch.testing.assert_close(run(optimized, x), run(original, x), rtol=1e-4, atol=1e-4)
+    # 32x32 in float64: the CPU's float64 convolutions' backward is slow at 64x64.
+    original, optimized, x = original.double(), optimized.double(), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    optimized.load_state_dict(original.state_dict())  # the same statistics after the fp32 step's rounding
+    want, got = run(original, x), run(optimized, x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    weights = torch.randn_like(want)
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    grads = dict(optimized.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in original.parameters())
+    for key, parameter in original.named_parameters():
+        torch.testing.assert_close(grads[key].grad, parameter.grad, rtol=1e-6, atol=1e-8 * scale,
+                                   msg=lambda m: f"{key}: {m}")  # fmt: skip
+    buffers = dict(optimized.named_buffers())
+    for key, buffer in original.named_buffers():  # the training step's BatchNorm updates
+        torch.testing.assert_close(buffers[key], buffer, rtol=1e-9, atol=1e-9, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name, counts", [
+    ("mobilenet_v2", {InvertedResidual: 17, ConvBNAct2d: 35}),
+    ("resnet50", {ResNetBlock: 16, ConvBNAct2d: 4, BatchNormAct2d: 1}),
+])  # fmt: skip
+def test_no_batchnorm_of_an_optimized_model_is_left_outside_a_fastconv_module(name, counts):
+    optimized = fastconv.optimize(build(name))
+    assert bn_outside_fastconv(optimized) == []
+    assert {kind: sum(type(m) is kind for m in optimized.modules()) for kind in counts} == counts
+    # Inside the fused units every conv is a plain Conv2d: the unit's kernel runs it.
+    assert not any(isinstance(m, (DepthwiseConv2d, PointwiseConv2d)) for m in optimized.modules())
+
+
+def test_densenet_batchnorms_are_reported_not_fused():
+    """DenseNet's pre-activation BN -> ReLU -> conv is not a pattern yet (no DenseBlock module):
+    its BatchNorms stay, and the report says why."""
+    optimized, printed = verbose_output(build("densenet121"))
+    assert len(bn_outside_fastconv(optimized)) == 121
+    assert "features.norm0" in printed and "left alone" in printed
+
+
+def test_inplace_shares_parameters_and_an_optimizer_step_reaches_the_optimized_model():
+    original = build("resnet18")
+    parameters = list(original.parameters())
+    optimizer = torch.optim.SGD(original.parameters(), lr=0.1)
+    optimized = fastconv.optimize(original, inplace=True)
+    assert optimized is original
+    assert [id(p) for p in optimized.parameters()] == [id(p) for p in parameters]
+    x = torch.randn(2, 3, 64, 64)
+    optimized.eval()
+    with torch.no_grad():
+        before = optimized(x)
+    reference = fastconv.optimize(copy.deepcopy(original))  # a copy of the pre-step weights
+    optimized(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = optimized(x)
+        torch.testing.assert_close(reference.eval()(x), before)
+    assert not torch.allclose(after, before)  # the step reached the fused units (the fold cache refolded)
+
+
+def test_not_inplace_leaves_the_model_untouched():
+    original = build("mobilenet_v2")
+    kinds = structure(original)
+    optimized = fastconv.optimize(original)
+    assert structure(original) == kinds
+    assert not set(map(id, optimized.parameters())) & set(map(id, original.parameters()))
+
+
+CONVERTERS = {
+    "blocks": convert_blocks, "fuse": convert_conv_bn_act, "depthwise": convert_depthwise, "pointwise": convert_pointwise,
+}  # fmt: skip
+
+
+def orders():
+    """Every order of the four converters, and some with repetitions."""
+    names = list(CONVERTERS)
+    yield from itertools.permutations(names)
+    yield ("depthwise", "pointwise", "fuse", "depthwise", "blocks", "pointwise", "fuse")
+    yield ("pointwise", "pointwise", "blocks", "blocks", "depthwise", "fuse", "fuse")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
+def test_every_order_and_repetition_of_the_converters_gives_optimize(name):
+    original = build(name).eval()
+    want = fastconv.optimize(original)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = want(x)
+    for i, order in enumerate(orders()):
+        model = copy.deepcopy(original)
+        for converter in order:
+            model = CONVERTERS[converter](model)
+        assert structure(model) == structure(want), order
+        assert list(model.state_dict()) == list(original.state_dict())
+        if i % 6 == 0:  # outputs for a few: the structure decides them
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), expected)
+
+
+def test_converters_never_undo_a_fusion():
+    """The issue's case: convert_conv_bn_act then convert_depthwise/convert_pointwise (either
+    order) used to leave ConvBNAct2d units whose conv was swapped, which ran unfused."""
+    for order in itertools.permutations([convert_conv_bn_act, convert_depthwise, convert_pointwise]):
+        model = build("mobilenet_v2")
+        for converter in order:
+            converter(model)
+        units = [m for m in model.modules() if type(m) is ConvBNAct2d]
+        assert len(units) == 35 and all(type(unit[0]) is nn.Conv2d for unit in units)
+
+
+def test_a_fused_unit_with_a_swapped_conv_is_repaired():
+    unit = ConvBNAct2d(8, 8, 3, groups=8)
+    unit[0] = DepthwiseConv2d.from_conv(unit[0])  # by hand, as the old converters did
+    weight = unit[0].weight
+    model = fastconv.optimize(nn.Sequential(unit), inplace=True)
+    assert type(model[0][0]) is nn.Conv2d and model[0][0].weight is weight
+
+
+def test_optimize_is_idempotent():
+    once = fastconv.optimize(build("mobilenet_v2"))
+    twice, printed = verbose_output(once)
+    assert structure(twice) == structure(once)
+    assert "0 replaced" in printed
+    resnet = fastconv.optimize(build("resnet50"))
+    assert structure(fastconv.optimize(resnet)) == structure(resnet)
+
+
+def test_bad_input_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"model must be an nn.Module; got builtins.int"):
+        fastconv.optimize(3)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.raises(ValueError, match=r"not a TorchScript module"):
+        fastconv.optimize(torch.jit.script(conv))
+    with pytest.raises(ValueError, match=r"not a torch.fx.GraphModule"):
+        fastconv.optimize(torch.fx.symbolic_trace(conv))
+    with pytest.raises(ValueError, match=r"inplace and verbose must be bools; got inplace='yes'"):
+        fastconv.optimize(conv, inplace="yes")
+
+
+def test_a_bare_pattern_is_replaced_as_a_whole():
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6())).eval()
+    optimized = fastconv.optimize(model)
+    assert type(optimized) is ConvBNAct2d and optimized.activation == "relu6"
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(optimized(x), model(x))
+
+
+def test_shared_submodules_work():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    model = randomized(nn.Sequential(block, nn.Conv2d(4, 4, 3, padding=1, groups=4), block)).eval()
+    optimized = fastconv.optimize(model)
+    assert optimized[0] is optimized[2] and type(optimized[0]) is ConvBNAct2d  # still one module
+    assert type(optimized[1]) is DepthwiseConv2d
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(optimized(x), model(x))
+    optimized.train(), model.train()
+    torch.testing.assert_close(optimized(x), model(x))
+    torch.testing.assert_close(optimized[0][1].running_mean, model[0][1].running_mean)
+
+
+def test_hooks_and_custom_forwards_are_left_alone_and_reported():
+    class Custom(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    hooked = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    calls = []
+    hooked.register_forward_hook(lambda *args: calls.append(1))
+    model = randomized(nn.Sequential(hooked, Custom(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))).eval()
+    optimized, printed = verbose_output(model)
+    assert type(optimized[0]) is nn.Sequential and type(optimized[1]) is Custom
+    assert "has a hook" in printed and "Sequential subclass with its own forward" in printed
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(optimized(x), model(x))
+    assert len(calls) == 2
+
+
+def test_squeeze_excitation_is_reported():
+    _, printed = verbose_output(build("mobilenet_v3_small"))
+    assert "SqueezeExcitation" in printed and "squeeze-excitation: no fused kernel" in printed
+
+
+def test_verbose_prints_the_table_and_the_channels_last_hint():
+    model = build("resnet18")
+    _, printed = verbose_output(model)
+    assert "layer1.0  BasicBlock" in printed and "ResNetBlock" in printed
+    assert "hint: the model is not channels_last" in printed
+    _, printed = verbose_output(model.to(memory_format=torch.channels_last))
+    assert "hint" not in printed
+
+
+def test_channels_last_model_matches():
+    original = build("mobilenet_v2").eval().to(memory_format=torch.channels_last)
+    optimized = fastconv.optimize(original)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), original(x), rtol=1e-4, atol=1e-4)
+
+
+def test_from_modules_refuse_what_they_cannot_honour():
+    bn_act = BatchNormAct2d(4, "relu6")
+    with pytest.raises(ValueError, match=r"bn must be an nn.BatchNorm2d, not a subclass.*BatchNormAct2d"):
+        BatchNormAct2d.from_modules(bn_act)
+    with pytest.raises(ValueError, match=r"bn must be an nn.BatchNorm2d, not a subclass.*BatchNormAct2d"):
+        ConvBNAct2d.from_modules(nn.Conv2d(3, 4, 3), bn_act)
+
+    class SameConv(nn.Conv2d):  # timm's Conv2dSame: its own forward (dynamic padding)
+        pass
+
+    with pytest.raises(ValueError, match=r"conv must be an nn.Conv2d .*not a subclass.*SameConv"):
+        ConvBNAct2d.from_modules(SameConv(3, 4, 3), nn.BatchNorm2d(4))
+    depthwise = DepthwiseConv2d(4, 4, 3, groups=4)
+    unit = ConvBNAct2d.from_modules(depthwise, nn.BatchNorm2d(4), nn.ReLU())
+    assert type(unit[0]) is nn.Conv2d and unit[0].weight is depthwise.weight
+
+
+def test_torch_compile_fullgraph_has_no_graph_breaks():
+    model = fastconv.optimize(build("mobilenet_v2").features[:4]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_timm_batchnormact_is_refused_not_dropped():
+    timm = pytest.importorskip("timm")
+    bn = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU6)
+    with pytest.raises(ValueError, match=r"not a subclass"):
+        BatchNormAct2d.from_modules(bn)
