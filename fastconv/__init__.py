@@ -15,11 +15,12 @@ from fastconv.ops import (
     pointwise_conv2d,
 )
 from fastconv.optimize import optimize  # the function: fastconv.optimize(model)
+from fastconv import models  # after nn: the models are built from its modules
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backends", "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "get_backend",
-    "inverted_residual", "nn", "optimize", "pointwise_conv2d", "reference", "set_backend",
+    "inverted_residual", "models", "nn", "optimize", "pointwise_conv2d", "reference", "set_backend",
     "use_backend",
 ]

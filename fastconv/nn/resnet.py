@@ -35,38 +35,66 @@ _KINDS = {"BasicBlock": 2, "Bottleneck": 3}
 
 
 class ResNetBlock(nn.Module):
-    """A fused torchvision ResNet block; made by `ResNetBlock.from_torchvision(block)`, which
-    shares (does not copy) the block's modules. ``kind`` is "BasicBlock" or "Bottleneck"."""
+    """A fused torchvision ResNet block. ``kind`` is "BasicBlock" or "Bottleneck";
+    `ResNetBlock.from_torchvision(block)` shares (does not copy) a torchvision block's modules.
+    A downsample ``nn.Sequential(Conv2d, BatchNorm2d)`` becomes a ConvBNAct2d (same keys)."""
 
     __prepare_scriptable__ = _fx.refuse_torchscript
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 kind: str = "Bottleneck", groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 device=None, dtype=None) -> None:  # fmt: skip
+        """torchvision's BasicBlock / Bottleneck(inplanes, planes, stride, downsample, groups,
+        base_width, dilation) with the same modules, initialisation and keys."""
+        super().__init__()
+        if kind not in _KINDS:
+            raise ValueError(f"fastconv: kind must be one of {sorted(_KINDS)}; got {kind!r}")
+        factory = dict(device=device, dtype=dtype)
+        if kind == "BasicBlock":
+            if groups != 1 or base_width != 64 or dilation != 1:
+                raise ValueError(f"fastconv: a BasicBlock takes groups=1, base_width=64 and dilation=1 (torchvision's "
+                                 f"rule); got groups={groups}, base_width={base_width}, dilation={dilation}")  # fmt: skip
+            convs = [nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False, **factory),
+                     nn.Conv2d(planes, planes, 3, 1, 1, bias=False, **factory)]  # fmt: skip
+        else:
+            width = int(planes * (base_width / 64.0)) * groups
+            convs = [nn.Conv2d(inplanes, width, 1, bias=False, **factory),
+                     nn.Conv2d(width, width, 3, stride, dilation, dilation, groups, bias=False, **factory),
+                     nn.Conv2d(width, planes * 4, 1, bias=False, **factory)]  # fmt: skip
+        units = [(conv, nn.BatchNorm2d(conv.out_channels, **factory)) for conv in convs]
+        self._setup(kind, units, nn.ReLU(inplace=True), downsample, stride)
+
+    def _setup(self, kind: str, units: list, relu: nn.Module, downsample: Optional[nn.Module], stride: int) -> None:
+        self.kind, self.depth = kind, len(units)
+        for i, (conv, bn) in enumerate(units, 1):
+            setattr(self, f"conv{i}", conv)
+            setattr(self, f"bn{i}", bn)
+        self.relu = relu
+        if downsample is not None and is_conv_bn_act(downsample):
+            downsample = ConvBNAct2d.from_modules(*downsample)
+        self.downsample = downsample
+        self.stride = stride
+        self._caches = [DerivedTensorCache() for _ in units]
 
     @classmethod
     def from_torchvision(cls, block: nn.Module) -> "ResNetBlock":
         kind = type(block).__name__
         if kind not in _KINDS or not type(block).__module__.startswith("torchvision.models"):
             raise ValueError(f"fastconv: block must be a torchvision BasicBlock or Bottleneck; got {type(block).__name__}")
-        depth = _KINDS[kind]
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.kind, fused.depth = kind, depth
-        for i in range(1, depth + 1):
+        units = []
+        for i in range(1, _KINDS[kind] + 1):
             conv, bn = getattr(block, f"conv{i}"), getattr(block, f"bn{i}")
             if plain_conv2d(conv) is None or type(bn) is not nn.BatchNorm2d:
                 raise ValueError(
                     f"fastconv: block.conv{i} and block.bn{i} must be a Conv2d and a BatchNorm2d; "
                     f"got {type(conv).__name__}, {type(bn).__name__}"
                 )
-            setattr(fused, f"conv{i}", plain_conv2d(conv))
-            setattr(fused, f"bn{i}", bn)
+            units.append((plain_conv2d(conv), bn))
         if type(block.relu) is not nn.ReLU:
             raise ValueError(f"fastconv: block.relu must be an nn.ReLU; got {type(block.relu).__name__}")
-        fused.relu = block.relu
-        downsample = block.downsample
-        if downsample is not None and is_conv_bn_act(downsample):
-            downsample = ConvBNAct2d.from_modules(*downsample)
-        fused.downsample = downsample
-        fused.stride = block.stride
-        fused._caches = [DerivedTensorCache() for _ in range(depth)]
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._setup(kind, units, block.relu, block.downsample, block.stride)
         fused.train(block.training)
         return fused
 
