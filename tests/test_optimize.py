@@ -327,3 +327,31 @@ def test_timm_batchnormact_is_refused_not_dropped():
     bn = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU6)
     with pytest.raises(ValueError, match=r"not a subclass"):
         BatchNormAct2d.from_modules(bn)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mobilenet_v2", {"aten.relu.default": 0, "aten.hardtanh.default": 0}),
+    # Bottleneck: conv3's epilogue adds the shortcut and applies the ReLU (no aten.relu left).
+    ("resnet50", {"aten.relu.default": 0, "fastconv.pointwise_conv2d.default": 33}),
+    # BasicBlock: its last conv is 3x3, which has no residual epilogue yet: one add + ReLU each.
+    ("resnet18", {"aten.relu.default": 8, "fastconv.conv2d_bn_act.default": 19}),
+])  # fmt: skip
+def test_exported_eval_graph_has_no_batch_norm_left(name, expected):
+    """The fusions are taken, not only installed: the issue's converters left 51 aten.batch_norm
+    in an exported MobileNetV2."""
+    model = fastconv.optimize(build(name)).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 32),))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if "batch_norm" in t]
+    assert {op: targets.count(op) for op in expected} == expected
+
+
+def test_resnet_block_with_a_swapped_child_runs_its_children_as_they_are():
+    """A child of another kind (as SyncBatchNorm under DDP): torchvision's order, nothing dropped."""
+    torch.manual_seed(0)
+    block = randomized(torchvision.models.resnet.Bottleneck(16, 4)).eval()
+    fused = ResNetBlock.from_torchvision(copy.deepcopy(block))
+    block.bn2 = fused.bn2 = nn.GroupNorm(2, 4)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), block(x))
