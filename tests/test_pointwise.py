@@ -182,6 +182,21 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(function, tuple(t.values()), fast_mode=backend == "triton")
 
 
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cuda"])
+def test_float64_shift_without_scale_keeps_float64_gradients(backend):
+    """A folded BatchNorm passes its shift alone; its backward once made that shift float32,
+    and float64 gradients came out 1e-7 off (relative)."""
+    t = make((1, 4, 3, 5), 6, torch.float64, epilogue=True)
+    x, weight, shift = t["x"].requires_grad_(), t["weight"].requires_grad_(), t["shift"].requires_grad_()
+    with fastconv.use_backend(backend):
+        y = fastconv.pointwise_conv2d(x, weight, shift=shift, activation="silu")
+    grads = torch.autograd.grad(y.square().sum(), (x, weight, shift))
+    expected = torch.nn.functional.silu(torch.nn.functional.conv2d(x, weight) + shift.view(1, -1, 1, 1))
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, weight, shift))):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     t = make((2, 5, 3, 4), 6, epilogue=True, residual=True, prologue=True)

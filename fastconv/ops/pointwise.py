@@ -344,8 +344,13 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _ones_zeros(scale, shift, channels, device):
-    scale = scale if scale is not None else torch.ones(channels, dtype=torch.float32, device=device)
-    shift = shift if shift is not None else torch.zeros(channels, dtype=scale.dtype, device=device)
+    """scale and shift for bn_act's backward, which wants both in one dtype: an absent one is 1
+    or 0 in the given one's dtype (float32 when neither is given). A float64 shift alone once
+    became float32 here, which cost float64 gradients 1e-7 of relative precision."""
+    given = scale if scale is not None else shift
+    dtype = given.dtype if given is not None else torch.float32
+    scale = scale if scale is not None else torch.ones(channels, dtype=dtype, device=device)
+    shift = shift if shift is not None else torch.zeros(channels, dtype=dtype, device=device)
     return scale, shift.to(scale.dtype)
 
 
