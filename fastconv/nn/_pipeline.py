@@ -17,7 +17,9 @@ The parts, in optimize's order:
 
     "blocks"     torchvision InvertedResidual -> fastconv InvertedResidual; torchvision
                  BasicBlock/Bottleneck -> ResNetBlock; a torchvision ResNet's stem bn1 + relu
-                 -> BatchNormAct2d + Identity (the conv stays: see optimize's report)
+                 -> BatchNormAct2d + Identity (the conv stays: see optimize's report); a
+                 plain nn.Sequential holding Conv2d, BatchNorm2d[, act] runs among other
+                 children (VGG's features) -> FusedSequential (the same children and keys)
     "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d
     "depthwise"  a remaining Conv2d with groups == in_channels -> DepthwiseConv2d
     "pointwise"  a remaining plain 1x1 Conv2d -> PointwiseConv2d
@@ -41,6 +43,7 @@ from fastconv.nn.depthwise import DepthwiseConv2d, is_depthwise
 from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResidual
 from fastconv.nn.pointwise import PointwiseConv2d, is_pointwise
 from fastconv.nn.resnet import ResNetBlock, is_torchvision_resnet_block
+from fastconv.nn.sequential import FusedSequential, fusable_runs, run_batchnorms
 
 PARTS = ("blocks", "fuse", "depthwise", "pointwise")
 FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock)
@@ -110,6 +113,8 @@ def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
         block = _block(child)
         if block is not None:
             return block
+        if fusable_runs(child) and not is_conv_bn_act(child):
+            return FusedSequential.from_sequential(child)
     if "fuse" in parts and is_conv_bn_act(child):
         return ConvBNAct2d.from_modules(*child)
     if "depthwise" in parts and is_depthwise(child):
@@ -124,7 +129,7 @@ def _candidate(child: nn.Module, parts: tuple) -> bool:
     return ("blocks" in parts and (_is_torchvision(child, "mobilenetv2", "InvertedResidual")
                                    or is_torchvision_resnet_block(child))) or (  # fmt: skip
         "fuse" in parts and is_conv_bn_act(child)
-    ) or ("depthwise" in parts and is_depthwise(child)) or (
+    ) or ("blocks" in parts and fusable_runs(child) > 0 and not is_conv_bn_act(child)) or ("depthwise" in parts and is_depthwise(child)) or (
         "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child)
     )
 
@@ -166,8 +171,11 @@ def _walk(module: nn.Module, path: str, parts: tuple, report: Report, seen: dict
             report.replaced.append((child_path, type(child).__name__, type(replacement).__name__))
             if isinstance(replacement, FUSED):
                 _repair(replacement, child_path, report)
-            continue
-        _walk(child, child_path, parts, report, seen)
+                continue
+            if not isinstance(replacement, FusedSequential):
+                continue
+            # A FusedSequential keeps its other children: they are walked like any module's.
+        _walk(getattr(module, name), child_path, parts, report, seen)
 
 
 def convert(model: nn.Module, parts: tuple = PARTS, report: Optional[Report] = None) -> nn.Module:
@@ -212,8 +220,11 @@ def leftovers(model: nn.Module, report: Report) -> None:
             return
         seen.add(id(module))
         children = _children(module)
+        in_runs = run_batchnorms(module) if isinstance(module, FusedSequential) else set()
         for i, (name, child) in enumerate(children):
             child_path = f"{path}.{name}" if path else name
+            if id(child) in in_runs:
+                continue
             if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, BatchNormAct2d):
                 previous = children[i - 1][1] if i else None
                 if type(child) is not nn.BatchNorm2d:
