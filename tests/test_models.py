@@ -15,7 +15,7 @@ import fastconv.models
 from test_optimize import randomized, run, structure
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "vgg16_bn"])
 def test_loads_torchvision_state_dict_strictly_and_matches(name):
     torch.manual_seed(0)
     reference = randomized(getattr(torchvision.models, name)(num_classes=10))

@@ -1,11 +1,12 @@
 """Model definitions built from fastconv's modules, with torchvision's state_dict keys.
 
-`mobilenet_v2` and `resnet50` load ``torchvision.models.X().state_dict()`` with strict=True
+`mobilenet_v2`, `resnet50` and `vgg16_bn` load ``torchvision.models.X().state_dict()`` with strict=True
 (tested). `mobilenet_v1` has no torchvision model; its keys are documented on the function.
 No weights are downloaded: every model starts from torchvision's random initialisation.
 """
 
 from fastconv.models.mobilenet import MobileNetV1, mobilenet_v1, mobilenet_v2
 from fastconv.models.resnet import ResNet, resnet50
+from fastconv.models.vgg import VGG, vgg16_bn
 
-__all__ = ["MobileNetV1", "ResNet", "mobilenet_v1", "mobilenet_v2", "resnet50"]
+__all__ = ["VGG", "MobileNetV1", "ResNet", "mobilenet_v1", "mobilenet_v2", "resnet50", "vgg16_bn"]
