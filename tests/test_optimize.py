@@ -326,9 +326,13 @@ def test_from_modules_refuse_what_they_cannot_honour():
     assert type(unit[0]) is nn.Conv2d and unit[0].weight is depthwise.weight
 
 
-def test_torch_compile_fullgraph_has_no_graph_breaks():
-    model = fastconv.optimize(build("mobilenet_v2").features[:4]).eval()
-    x = torch.randn(2, 3, 32, 32)
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
+def test_torch_compile_fullgraph_has_no_graph_breaks(name):
+    if name == "mobilenet_v2":
+        model, x = fastconv.optimize(build(name).features[:4]).eval(), torch.randn(2, 3, 32, 32)
+    else:  # a Bottleneck with its downsample, and the stem's BatchNormAct2d
+        resnet = fastconv.optimize(build(name))
+        model, x = nn.Sequential(resnet.conv1, resnet.bn1, resnet.layer1[0]).eval(), torch.randn(2, 3, 32, 32)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
