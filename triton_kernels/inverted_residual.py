@@ -25,7 +25,7 @@ The price of this first version: no spatial tile plus halo is kept in shared mem
 expansion is recomputed once per tap (x9 for 3x3) and once per output-channel block (the grid's
 second axis, cdiv(C_out, BLOCK_CO) programs per pixel block, each redoing expansion and
 depthwise), and the x rows are re-read from L1/L2 for every (hidden chunk, tap). `traffic()`
-counts those FLOPs and bytes against the block-I/O floor so that the benchmark and issue 11's
+counts those FLOPs and bytes against the block-I/O floor so that the benchmark and the fused-blocks
 "bytes against the block-I/O floor" figure need no GPU. Unmeasured on a GPU.
 
 Registers: the live fp32 tiles are the depthwise accumulator and the expanded tap, BLOCK_P x
@@ -264,7 +264,7 @@ class Traffic:
     """Bytes and FLOPs of one fused-block call (multiply-add = 2 FLOPs).
 
     io_floor_bytes: the block's input read once, its output written once, the residual read
-    (the block-I/O floor of issue 11). unfused_bytes: the same chain with every intermediate
+    (the block-I/O floor). unfused_bytes: the same chain with every intermediate
     written and read back (the eager cuDNN chain's minimum). load_bytes/store_bytes: what the
     kernel's load and store instructions ask for, served mostly by L1/L2 (x re-gathered for
     every hidden chunk and tap, weights per program); dram_bytes_estimate: the floor plus the

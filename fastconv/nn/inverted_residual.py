@@ -10,7 +10,7 @@ one fused kernel in eval, exact BatchNorm training through fastconv's unfused op
   BatchNorm runs as ConvBNAct2d's training path does, through fastconv's unfused ops
   (`conv2d_batch_stats` then `batch_norm_act`): batch statistics, running-stat updates with
   momentum or the cumulative average, num_batches_tracked, gradients equal to torchvision's.
-  The fused training forward and backward of issue 11 are not written yet.
+  The fused training forward and backward are not written yet.
 """
 
 from __future__ import annotations
