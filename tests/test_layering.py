@@ -69,6 +69,11 @@ def test_ops_do_not_import_the_modules_or_benchmarks(path):
     assert not offending(path, ("fastconv.nn", "fastconv.benchmarks", "fastconv.demo"))
 
 
+@pytest.mark.parametrize("path", python_files("fastconv/nn") + python_files("fastconv/models"), ids=lambda p: p.name)
+def test_modules_and_models_do_not_import_the_benchmarks(path):
+    assert not offending(path, ("fastconv.benchmarks", "fastconv.demo"))
+
+
 def test_the_checker_sees_an_upward_import(tmp_path):
     """The test above cannot pass vacuously: a kernel file with a function-level import of the
     reference is caught."""
