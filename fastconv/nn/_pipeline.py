@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fastconv.nn.batch_norm import BatchNormAct2d
-from fastconv.nn.conv_bn_act import _ACTIVATION_NAMES, ConvBNAct2d, is_conv_bn_act, plain_conv2d
+from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
 from fastconv.nn.depthwise import DepthwiseConv2d, is_depthwise
 from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResidual
 from fastconv.nn.pointwise import PointwiseConv2d, is_pointwise

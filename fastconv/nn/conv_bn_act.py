@@ -25,15 +25,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fastconv._geometry import accumulate_dtype, normalise_geometry, positive_pair
+from fastconv._geometry import positive_pair
 from fastconv._validation import fail
 from fastconv.activations import activation_code
-from fastconv.nn import _fx
+from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.depthwise import DepthwiseConv2d
 from fastconv.nn.pointwise import PointwiseConv2d
-from fastconv.ops._common import autocast_inputs
-from fastconv.ops.conv_bn_act import routed_conv2d_bn_act
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 _ACTIVATION_NAMES = {module: name for name, module in _ACTIVATION_MODULES.items()}
@@ -181,71 +179,14 @@ class ConvBNAct2d(nn.Sequential):
             return nn.Sequential.forward(self, x)
         if conv.padding_mode != "zeros":
             fail(f"the conv's padding_mode must be 'zeros'; got {conv.padding_mode!r}")
-        stride, padding, dilation = normalise_geometry(tuple(conv.weight.shape[2:]), conv.stride, conv.padding, conv.dilation)
-        # BatchNorm2d's rule: batch statistics in training, and whenever there are no running ones.
-        if bn.training or bn.running_mean is None or bn.running_var is None:
-            return self._forward_batch_stats(x, stride, padding, dilation)
-        weight, shift = self.folded_weight_and_shift()
-        x, weight, _ = autocast_inputs(x, weight, None)
-        return routed_conv2d_bn_act(x, weight, None, stride, padding, dilation, conv.groups, None, shift, self.activation)
-
-    def _forward_batch_stats(self, x, stride, padding, dilation) -> torch.Tensor:
-        conv, bn = self[0], self[1]
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            fail(f"x must be a 4-D tensor (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
-        x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
-        c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, conv.groups)
-        count = c.shape[0] * c.shape[2] * c.shape[3]
-        if bn.training and count == 1:
-            fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        invstd = torch.rsqrt(var + bn.eps)
-        y = torch.ops.fastconv.batch_norm_act(c, mean, invstd, bn.weight, bn.bias, self.activation)
-        if bn.training and bn.track_running_stats:
-            self._update_running_stats(mean, var, count)
-        return y
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        """BatchNorm2d's update: unbiased variance, momentum or the cumulative average."""
-        bn = self[1]
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-        if count == 0:
-            return  # BatchNorm2d leaves the running statistics alone for an empty batch
-        factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
-        unbiased = var * (count / (count - 1))
-        bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
-        bn.running_var.mul_(1 - factor).add_((unbiased * factor).to(bn.running_var.dtype))
+        return _conv_bn.conv_bn_act(x, conv, bn, self.activation, self._fold_cache)
 
     # -- eval: folding -----------------------------------------------------------------------
-
-    def _fold_sources(self) -> tuple:
-        conv, bn = self[0], self[1]
-        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        conv, bn = self[0], self[1]
-        wide = accumulate_dtype(conv.weight.dtype)
-        scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(wide)
-        shift = -bn.running_mean.to(wide)
-        if conv.bias is not None:
-            shift = shift + conv.bias.to(wide)
-        shift = shift * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(wide)
-        # The shift stays in float32: the epilogue takes it so, and it holds the large
-        # running-mean offsets that half precision would round. The weight keeps conv.weight's
-        # memory format (a channels_last model's is the layout the implicit GEMM reads; forcing
-        # it on an NCHW model would make cuDNN return channels_last outputs to copy back).
-        weight = (conv.weight.to(wide) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
-        return weight, shift
 
     def folded_weight_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, shift): conv(x, weight) + shift == bn(conv(x)) under the running statistics,
         cached until any tensor it comes from changes (see DerivedTensorCache)."""
-        return self._fold_cache.get(self._fold_sources(), (self[1].eps,), self._fold)
+        return _conv_bn.folded(self._fold_cache, self[0], self[1])
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
@@ -279,4 +220,3 @@ def is_conv_bn_act(module: nn.Module) -> bool:
     return len(module) == 2 or type(module[2]) in _ACTIVATION_NAMES or type(module[2]) is nn.Identity
 
 
-_is_conv_bn_act = is_conv_bn_act  # the earlier private name

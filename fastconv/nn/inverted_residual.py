@@ -20,76 +20,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastconv._geometry import accumulate_dtype, normalise_geometry
 from fastconv._validation import fail
 from fastconv.activations import activation_code
-from fastconv.nn import _fx
+from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import _ACTIVATION_MODULES, ConvBNAct2d
-from fastconv.ops._common import autocast_inputs
-from fastconv.ops.conv_bn_act import routed_conv2d_bn_act
 from fastconv.ops.inverted_residual import depthwise_separable_conv2d, inverted_residual
-
-
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, shift) with conv(x, weight) + shift == bn(conv(x)) under the running
-    statistics: ConvBNAct2d's fold (the shift stays fp32, the weight keeps its dtype)."""
-    wide = accumulate_dtype(conv.weight.dtype)
-    scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(wide)
-    shift = -bn.running_mean.to(wide)
-    if conv.bias is not None:
-        shift = shift + conv.bias.to(wide)
-    shift = shift * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(wide)
-    return (conv.weight.to(wide) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype), shift
-
-
-def _fold_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-
-def _folded(cache: DerivedTensorCache, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-    return cache.get(_fold_sources(conv, bn), (bn.eps,), lambda: _fold(conv, bn))
-
-
-def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    """BatchNorm2d's rule: batch statistics in training, and whenever there are no running ones."""
-    return bn.training or bn.running_mean is None or bn.running_var is None
-
-
-@torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """BatchNorm2d's update (ConvBNAct2d's): unbiased variance, momentum or the cumulative average."""
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    if count == 0:
-        return  # BatchNorm2d leaves the running statistics alone for an empty batch
-    factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(mean.dtype)
-    unbiased = var * (count / (count - 1))
-    bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
-    bn.running_var.mul_(1 - factor).add_((unbiased * factor).to(bn.running_var.dtype))
-
-
-def _conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], cache: DerivedTensorCache):
-    """One conv + BatchNorm + activation on fastconv's unfused ops, in the BatchNorm's own mode
-    (ConvBNAct2d's forward, for convs that are not ConvBNAct2d children)."""
-    stride, padding, dilation = normalise_geometry(tuple(conv.weight.shape[2:]), conv.stride, conv.padding, conv.dilation)
-    if not _uses_batch_stats(bn):
-        weight, shift = _folded(cache, conv, bn)
-        x, weight, _ = autocast_inputs(x, weight, None)
-        return routed_conv2d_bn_act(x, weight, None, stride, padding, dilation, conv.groups, None, shift, activation)
-    x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
-    c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, conv.groups)
-    count = c.shape[0] * c.shape[2] * c.shape[3]
-    if bn.training and count == 1:
-        fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    y = torch.ops.fastconv.batch_norm_act(c, mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, activation)
-    if bn.training and bn.track_running_stats:
-        _update_running_stats(bn, mean, var, count)
-    return y
 
 
 def _check_channels(**values) -> None:
@@ -171,7 +107,7 @@ class InvertedResidual(nn.Module):
         if any(type(unit) is not ConvBNAct2d or type(unit[0]) is not nn.Conv2d or type(unit[1]) is not nn.BatchNorm2d
                for unit in units) or type(project) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:  # fmt: skip
             return False
-        return not any(_uses_batch_stats(unit[1]) for unit in units) and not _uses_batch_stats(bn)
+        return not any(_conv_bn.uses_batch_stats(unit[1]) for unit in units) and not _conv_bn.uses_batch_stats(bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx.symbolically_traced():
@@ -182,13 +118,13 @@ class InvertedResidual(nn.Module):
             for unit in units:
                 h = unit(h)
             if type(project) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
-                h = _conv_bn_act(h, project, bn, None, self._project_cache)
+                h = _conv_bn.conv_bn_act(h, project, bn, None, self._project_cache)
             else:
                 h = bn(project(h))
             return x + h if self.use_res_connect else h
         expand = units[0].folded_weight_and_shift() if len(units) == 2 else (None, None)
         dw_weight, dw_shift = units[-1].folded_weight_and_shift()
-        project_weight, project_shift = _folded(self._project_cache, project, bn)
+        project_weight, project_shift = _conv_bn.folded(self._project_cache, project, bn)
         return inverted_residual(
             x, expand[0], dw_weight, project_weight, stride=self.stride, expand_shift=expand[1], dw_shift=dw_shift,
             project_shift=project_shift, activation=self.activation, use_residual=self.use_res_connect,
@@ -250,12 +186,12 @@ class DepthwiseSeparableConv2d(nn.Module):
             h = _activate(self.bn1(self.conv_dw(x)), self.dw_activation)
             h = _activate(self.bn2(self.conv_pw(h)), self.pw_activation)
             return h + x if self.skip else h
-        if _uses_batch_stats(self.bn1) or _uses_batch_stats(self.bn2):
-            h = _conv_bn_act(x, self.conv_dw, self.bn1, self.dw_activation, self._dw_cache)
-            h = _conv_bn_act(h, self.conv_pw, self.bn2, self.pw_activation, self._pw_cache)
+        if _conv_bn.uses_batch_stats(self.bn1) or _conv_bn.uses_batch_stats(self.bn2):
+            h = _conv_bn.conv_bn_act(x, self.conv_dw, self.bn1, self.dw_activation, self._dw_cache)
+            h = _conv_bn.conv_bn_act(h, self.conv_pw, self.bn2, self.pw_activation, self._pw_cache)
             return h + x if self.skip else h
-        dw_weight, dw_shift = _folded(self._dw_cache, self.conv_dw, self.bn1)
-        pw_weight, pw_shift = _folded(self._pw_cache, self.conv_pw, self.bn2)
+        dw_weight, dw_shift = _conv_bn.folded(self._dw_cache, self.conv_dw, self.bn1)
+        pw_weight, pw_shift = _conv_bn.folded(self._pw_cache, self.conv_pw, self.bn2)
         return depthwise_separable_conv2d(
             x, dw_weight, pw_weight, stride=self.conv_dw.stride, padding=self.conv_dw.padding,
             dilation=self.conv_dw.dilation, dw_shift=dw_shift, dw_activation=self.dw_activation, pw_shift=pw_shift,

@@ -26,7 +26,7 @@ from torch import nn
 from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
-from fastconv.nn.inverted_residual import _conv_bn_act, _folded, _uses_batch_stats
+from fastconv.nn import _conv_bn
 from fastconv.nn.pointwise import is_pointwise
 from fastconv.ops._common import autocast_inputs
 from fastconv.ops.pointwise import pointwise_conv2d
@@ -119,15 +119,15 @@ class ResNetBlock(nn.Module):
             return self.relu(out + identity)
         out = x
         for (conv, bn), cache in zip(units[:-1], self._caches):
-            out = _conv_bn_act(out, conv, bn, "relu", cache)
+            out = _conv_bn.conv_bn_act(out, conv, bn, "relu", cache)
         (conv, bn), cache = units[-1], self._caches[-1]
-        if not _uses_batch_stats(bn) and is_pointwise(conv):
+        if not _conv_bn.uses_batch_stats(bn) and is_pointwise(conv):
             # Bottleneck in eval: relu(conv3(out) * scale + shift + identity) in one GEMM.
-            weight, shift = _folded(cache, conv, bn)
+            weight, shift = _conv_bn.folded(cache, conv, bn)
             out, weight, identity = autocast_inputs(out, weight, identity)
             return pointwise_conv2d(out, weight, None, shift=shift, activation="relu", residual=identity,
                                     activation_after_residual=True)  # fmt: skip
-        out = _conv_bn_act(out, conv, bn, None, cache)
+        out = _conv_bn.conv_bn_act(out, conv, bn, None, cache)
         return torch.relu(out + identity)
 
     def extra_repr(self) -> str:

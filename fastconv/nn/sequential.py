@@ -20,7 +20,7 @@ from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import _ACTIVATION_NAMES
 from fastconv.nn.depthwise import DepthwiseConv2d
-from fastconv.nn.inverted_residual import _conv_bn_act
+from fastconv.nn import _conv_bn
 from fastconv.nn.pointwise import PointwiseConv2d
 
 _CONVS = (nn.Conv2d, DepthwiseConv2d, PointwiseConv2d)  # the same conv, whichever kernel it had
@@ -89,7 +89,7 @@ class FusedSequential(nn.Sequential):
                 continue
             conv, bn, activation, length = run
             cache = self._caches.setdefault(i, DerivedTensorCache())
-            x = _conv_bn_act(x, conv, bn, activation, cache)
+            x = _conv_bn.conv_bn_act(x, conv, bn, activation, cache)
             i += length
         return x
 
