@@ -4,6 +4,7 @@ autograd and per-backend implementations beside them."""
 from fastconv.ops import batch_norm  # noqa: F401  (registers the training BatchNorm ops)
 from fastconv.ops.bn_act import bn_act
 from fastconv.ops.conv_bn_act import conv2d_bn_act
+from fastconv.ops import dense_block  # noqa: F401  (registers the dense-block ops)
 from fastconv.ops.depthwise import depthwise_conv2d
 from fastconv.ops.inverted_residual import depthwise_separable_conv2d, inverted_residual
 from fastconv.ops.pointwise import pointwise_conv2d

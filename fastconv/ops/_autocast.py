@@ -29,10 +29,17 @@ def _eligible(value, device_type: str) -> bool:
     )
 
 
+def _cast(value, dtype: torch.dtype, device_type: str):
+    """value in `dtype` if autocast would cast it; a list (a dense block's weights) element-wise."""
+    if isinstance(value, (list, tuple)):
+        return [_cast(v, dtype, device_type) for v in value]
+    return value.to(dtype) if _eligible(value, device_type) else value
+
+
 def _kernel(op: torch._ops.OpOverload, positions: Sequence[int], device_type: str, dispatch_key):
     def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        args = [a.to(dtype) if i in positions and _eligible(a, device_type) else a for i, a in enumerate(args)]
+        args = [_cast(a, dtype, device_type) if i in positions else a for i, a in enumerate(args)]
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
             return op(*args)
 
