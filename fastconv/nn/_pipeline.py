@@ -16,7 +16,8 @@ give the same model:
 The parts, in optimize's order:
 
     "blocks"     torchvision InvertedResidual -> fastconv InvertedResidual; torchvision
-                 BasicBlock/Bottleneck -> ResNetBlock; a torchvision ResNet's stem bn1 + relu
+                 BasicBlock/Bottleneck -> ResNetBlock; torchvision _DenseBlock/_Transition ->
+                 DenseBlock/Transition; a torchvision ResNet's stem bn1 + relu
                  -> BatchNormAct2d + Identity (the conv stays: see optimize's report); a
                  plain nn.Sequential holding Conv2d, BatchNorm2d[, act] runs among other
                  children (VGG's features) -> FusedSequential (the same children and keys)
@@ -39,6 +40,7 @@ from torch import nn
 
 from fastconv.nn.batch_norm import BatchNormAct2d
 from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
+from fastconv.nn.dense import DenseBlock, Transition
 from fastconv.nn.depthwise import DepthwiseConv2d, is_depthwise
 from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResidual
 from fastconv.nn.pointwise import PointwiseConv2d, is_pointwise
@@ -46,7 +48,8 @@ from fastconv.nn.resnet import ResNetBlock, is_torchvision_resnet_block
 from fastconv.nn.sequential import FusedSequential, fusable_runs, run_batchnorms
 
 PARTS = ("blocks", "fuse", "depthwise", "pointwise")
-FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock)
+FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock, DenseBlock, Transition)
+_DENSENET = {"_DenseBlock": DenseBlock, "_Transition": Transition}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -89,7 +92,14 @@ def _block(child: nn.Module) -> Optional[nn.Module]:
         return InvertedResidual.from_torchvision(child)
     if is_torchvision_resnet_block(child):
         return ResNetBlock.from_torchvision(child)
+    if _is_densenet_module(child):
+        _repair(child, "", Report())  # a conv swapped by convert_pointwise is a plain Conv2d again
+        return _DENSENET[type(child).__name__].from_torchvision(child)
     return None
+
+
+def _is_densenet_module(child: nn.Module) -> bool:
+    return any(_is_torchvision(child, "densenet", name) for name in _DENSENET)
 
 
 def _stem(model: nn.Module, path: str, report: Report) -> None:
@@ -127,7 +137,7 @@ def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
 def _candidate(child: nn.Module, parts: tuple) -> bool:
     """Whether child would match a pattern, ignoring hooks (so a hook can be reported)."""
     return ("blocks" in parts and (_is_torchvision(child, "mobilenetv2", "InvertedResidual")
-                                   or is_torchvision_resnet_block(child))) or (  # fmt: skip
+                                   or is_torchvision_resnet_block(child) or _is_densenet_module(child))) or (  # fmt: skip
         "fuse" in parts and is_conv_bn_act(child)
     ) or ("blocks" in parts and fusable_runs(child) > 0 and not is_conv_bn_act(child)) or ("depthwise" in parts and is_depthwise(child)) or (
         "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child)
