@@ -30,7 +30,16 @@ def test_loads_torchvision_state_dict_strictly_and_matches(name):
         torch.testing.assert_close(model.get_buffer(key), buffer, rtol=1e-4, atol=1e-5)  # fp32 rounding
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+def test_densenets_load_torchvision_state_dicts_strictly(name):
+    """Keys and shapes; densenet121's values are test_dense_block_module.py's."""
+    reference = getattr(torchvision.models, name)(num_classes=10).state_dict()
+    model = getattr(fastconv.models, name)(num_classes=10)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.items()}
+    model.load_state_dict(reference, strict=True)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "densenet121"])
 def test_optimize_has_nothing_left_to_do(name):
     model = getattr(fastconv.models, name)(num_classes=10)
     assert structure(fastconv.optimize(model)) == structure(model)

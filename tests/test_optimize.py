@@ -20,7 +20,8 @@ from torch import nn
 
 import fastconv
 from fastconv.nn import (
-    BatchNormAct2d, ConvBNAct2d, DepthwiseConv2d, InvertedResidual, PointwiseConv2d, ResNetBlock, convert_blocks,
+    BatchNormAct2d, ConvBNAct2d, DenseBlock, DepthwiseConv2d, InvertedResidual, PointwiseConv2d, ResNetBlock, Transition,
+    convert_blocks,
     convert_conv_bn_act, convert_depthwise, convert_pointwise,
 )  # fmt: skip
 from fastconv.nn._pipeline import FUSED
@@ -139,13 +140,15 @@ def test_no_batchnorm_of_an_optimized_model_is_left_outside_a_fastconv_module(na
     assert not any(isinstance(m, (DepthwiseConv2d, PointwiseConv2d)) for m in optimized.modules())
 
 
-def test_densenet_batchnorms_are_reported_not_fused():
-    """DenseNet's pre-activation BN -> ReLU -> conv is not a pattern yet (no DenseBlock module):
-    its BatchNorms stay, and the report says why. The stem (conv0, norm0, relu0 in the features
-    Sequential) is fused by FusedSequential."""
+def test_densenet_is_fused_whole():
+    """Every dense block becomes a DenseBlock and every transition a Transition (the same keys);
+    the stem (conv0, norm0, relu0 in the features Sequential) runs fused in a FusedSequential and
+    norm5 with its ReLU is a BatchNormAct2d: no BatchNorm is left on its own."""
     optimized, printed = verbose_output(build("densenet121"))
-    assert len(bn_outside_fastconv(optimized)) == 120  # norm0 is in the stem run of the FusedSequential
-    assert "features.denseblock1.denselayer1.norm1" in printed and "left alone" in printed
+    assert bn_outside_fastconv(optimized) == []
+    kinds = {kind: sum(type(m) is kind for m in optimized.modules()) for kind in (DenseBlock, Transition, BatchNormAct2d)}
+    assert kinds == {DenseBlock: 4, Transition: 3, BatchNormAct2d: 1}
+    assert "features.denseblock1" in printed and "DenseBlock" in printed
 
 
 def test_inplace_shares_parameters_and_an_optimizer_step_reaches_the_optimized_model():

@@ -19,6 +19,7 @@ The parts, in optimize's order:
                  BasicBlock/Bottleneck -> ResNetBlock; torchvision _DenseBlock/_Transition ->
                  DenseBlock/Transition; a torchvision ResNet's stem bn1 + relu
                  -> BatchNormAct2d + Identity (the conv stays: see optimize's report); a
+                 torchvision DenseNet's norm5 -> BatchNormAct2d; a
                  plain nn.Sequential holding Conv2d, BatchNorm2d[, act] runs among other
                  children (VGG's features) -> FusedSequential (the same children and keys)
     "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d
@@ -117,6 +118,19 @@ def _stem(model: nn.Module, path: str, report: Report) -> None:
     report.replaced.append((f"{prefix}relu", "ReLU", "Identity (its ReLU is in bn1)"))
 
 
+def _densenet_head(model: nn.Module, path: str, report: Report) -> None:
+    """A torchvision DenseNet's features.norm5 as a BatchNormAct2d without activation: its ReLU
+    is DenseNet.forward's F.relu(..., inplace=True), which must stay there (an in-place ReLU on
+    a fused ReLU's output would overwrite what that ReLU's backward keeps)."""
+    features = getattr(model, "features", None)
+    bn = getattr(features, "norm5", None)
+    if type(bn) is not nn.BatchNorm2d or hooked(bn):
+        return
+    features.norm5 = BatchNormAct2d.from_modules(bn)
+    prefix = f"{path}." if path else ""
+    report.replaced.append((f"{prefix}features.norm5", "BatchNorm2d", "BatchNormAct2d (no activation: forward's ReLU)"))
+
+
 def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
     """The replacement of child by the parts asked for, or None."""
     if "blocks" in parts:
@@ -159,6 +173,8 @@ def _walk(module: nn.Module, path: str, parts: tuple, report: Report, seen: dict
     seen[id(module)] = (module, None)
     if "blocks" in parts and _is_torchvision(module, "resnet", "ResNet"):
         _stem(module, path, report)
+    if "blocks" in parts and _is_torchvision(module, "densenet", "DenseNet"):
+        _densenet_head(module, path, report)
     for name, child in _children(module):
         child_path = f"{path}.{name}" if path else name
         if isinstance(child, torch.jit.ScriptModule):

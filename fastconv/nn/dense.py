@@ -276,7 +276,8 @@ class Transition(nn.Sequential):
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if bn.training and count == 1:
             fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        mean, var = ops.batch_norm_stats(x)
+        # Detached: batch_norm_act's backward differentiates through the statistics itself.
+        mean, var = ops.batch_norm_stats(x.detach())
         a = ops.batch_norm_act(x, mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, "relu")
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean, var, count)
