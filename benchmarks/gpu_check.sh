@@ -23,13 +23,14 @@
 # The whole run fits in GPU_CHECK_BUDGET_S (default 540 s; the caps below sum to it), which
 # leaves a rerun on the warm machine within its 15 minutes: ninja then skips the rebuild.
 #
-# Only 8 files, 2 folders deep, come back from OUTDIR, so it holds 5, each rewritten whole
+# Only 8 files, 2 folders deep, come back from OUTDIR, so it holds 6, each rewritten whole
 # (then renamed) when a step ends:
 #   gpu_check.log  everything printed, all steps
 #   junit.xml      one <testsuite> per pytest step (smoke, memcheck, gpu-tests, racecheck)
 #   records.json   benchmark records of every suite, merged over the bench steps
 #   summary.md     geomean table, notes, per-case tables: rewritten after each suite
 #   speedup.png    speedup plot: rewritten after each suite
+#   memory.png     the dense suite's memory against depth: rewritten after each suite
 #
 # Exit status: 0 when every step passed, else 1; 2 for bad arguments. Environment knobs:
 #   PYTHON (default python, else python3), GPU_CHECK_BUDGET_S, BENCH_ARGS (default --quick),
@@ -59,7 +60,7 @@ PLAN=(
 # The step that also gets the seconds the earlier ones left unused (a warm rebuild takes
 # about 10 s of build's 170): the GPU tests, about 360 of them, are the ones a cap cuts short.
 ELASTIC=gpu-tests
-OUTPUTS=(gpu_check.log junit.xml records.json summary.md speedup.png)
+OUTPUTS=(gpu_check.log junit.xml records.json summary.md speedup.png memory.png)
 DEFAULT_BUDGET=540
 BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET}
 

@@ -48,6 +48,9 @@ def case_rows(records, suite):
     for b in baselines:
         header += [f"{b} ms", f"x {b}"]
     header += ["GB/s", "% floor", "check"]
+    memory = [f for f in ("peak_mb", "saved_mb_batch1") if any(f in r for r in recs)]
+    for field in memory:  # the dense suite: memory beside time, ours then each baseline's
+        header += [field.replace("_", " ")] + [f"{b} {field.replace('_', ' ')}" for b in baselines]
     rows = []
     for key, by_bl in groups.items():
         any_r = next(iter(by_bl.values()))
@@ -60,6 +63,9 @@ def case_rows(records, suite):
         if any_r.get("error"):
             status = "ERROR: " + any_r["error"][:60]
         row += [_fmt(any_r["gbps"], ".0f"), _fmt(any_r["pct_of_floor"], ".0f"), status]
+        for field in memory:
+            row += [_fmt(any_r.get(field), ".4g")] + [_fmt((by_bl.get(b) or {}).get(f"baseline_{field}"), ".4g")
+                                                      for b in baselines]  # fmt: skip
         rows.append(row)
     return header, rows
 
@@ -218,6 +224,44 @@ def plot_speedups(records, path):
     return path
 
 
+def plot_memory(records, path):
+    """The dense suite's memory against depth: one line per implementation, the CPU-counted
+    saved bytes at batch 1 and, from a GPU run, the measured peak of a training step.
+    Returns the path, or None without matplotlib or depth records."""
+    recs = [r for r in records if r["suite"] == "dense" and r["mode"] == "depth"]
+    if not recs:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [(f, title) for f, title in (("saved_mb_batch1", "saved for backward, batch 1, fp32 (counted)"),
+                                          ("peak_mb", "peak of a training step (measured)"))
+              if any(r.get(f) for r in recs)]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(5.5 * len(panels), 4))
+    for ax, (field, title) in zip(axes[0], panels):
+        lines = {"fastconv": {}}
+        for r in recs:
+            lines["fastconv"][r["layers"]] = r.get(field)
+            lines.setdefault(r["baseline"], {})[r["layers"]] = r.get(f"baseline_{field}")
+        for name, points in lines.items():
+            xs = sorted(k for k, v in points.items() if v)
+            if xs:
+                ax.plot(xs, [points[k] for k in xs], marker="o", label=name)
+        batch = recs[0].get("batch")
+        ax.set_title(title if field != "peak_mb" else f"{title}, batch {batch}", fontsize=9)
+        ax.set_xlabel("dense layers (DenseNet-BC 121/169/201/264)")
+        ax.set_ylabel("MiB")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", dpi=110, format="png")
+    os.replace(path + ".tmp", path)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     """Redraw summary.md and the plot from saved JSON records in OUTDIR."""
     from .records import read_json
@@ -230,6 +274,7 @@ def main(argv=None):
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary_markdown(records, env))
     plot_speedups(records, os.path.join(out, "speedup.png"))
+    plot_memory(records, os.path.join(out, "memory.png"))
     print(short_summary(records, env))
     return 0
 

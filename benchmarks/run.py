@@ -242,6 +242,7 @@ def _write(records, ctx, out, single_file, names, quiet=False):
         f.write(report.summary_markdown(records, ctx.env, ctx.notes))
     os.replace(summary + ".tmp", summary)
     png = report.plot_speedups(records, os.path.join(out, "speedup.png"))
+    report.plot_memory(records, os.path.join(out, "memory.png"))  # the dense suite's, when it ran
     if not quiet:
         print(f"wrote {out}: {'records.json' if single_file else '<suite>.json'}, summary.md"
               + (", speedup.png" if png else " (no plot: matplotlib missing or nothing to plot)"))
