@@ -264,3 +264,32 @@ def test_autocast_casts_the_weight_lists():
 
 def make_like(t):
     return {k: [v.double() for v in vs] if isinstance(vs, list) else vs.double() for k, vs in t.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_batch_norm_backward_accumulates_into_a_buffer_slice(backend, layout):
+    """fastconv::batch_norm_act_backward_accumulate: grad_c added into a channel slice of a
+    wider gradient buffer; the buffer's other channels untouched; opcheck."""
+    n, c, h, w = 2, 5, 5, 7
+    x = random_tensor((n, c, h, w), torch.float32, layout, device=DEVICE)
+    grad_y = random_tensor((n, c, h, w), torch.float32, layout, device=DEVICE)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    mean, invstd = mean.float(), torch.rsqrt(var + EPS).float()
+    weight, bias = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    buffer = random_tensor((n, c + 3, h, w), torch.float32, layout, device=DEVICE)
+    before = buffer.clone()
+    with on_backend(backend):
+        gw, gb = torch.ops.fastconv.batch_norm_act_backward_accumulate(grad_y, x, mean, invstd, weight, bias, "relu",
+                                                                       buffer[:, 1 : c + 1])  # fmt: skip
+    want, want_w, want_b = fastconv.reference.batch_norm_act_backward(
+        grad_y.double(), x.double(), mean.double(), invstd.double(), weight.double(), bias.double(), "relu"
+    )
+    torch.testing.assert_close(buffer[:, 1 : c + 1].double(), before[:, 1 : c + 1].double() + want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buffer[:, :1], before[:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(buffer[:, c + 1 :], before[:, c + 1 :], rtol=0, atol=0)
+    torch.testing.assert_close(gw.double(), want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb.double(), want_b, rtol=1e-5, atol=1e-5)
+    if backend == "torch":
+        torch.library.opcheck(torch.ops.fastconv.batch_norm_act_backward_accumulate.default,
+                              (grad_y, x, mean, invstd, weight, bias, "relu", buffer[:, 1 : c + 1].clone()))  # fmt: skip

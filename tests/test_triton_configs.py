@@ -88,10 +88,15 @@ def case_bn_act(dtype, layout, backward):
         bn_act_forward(x, _vec(96), _vec(96), 3)
 
 
-def case_batch_norm(dtype, layout):
+def case_batch_norm(dtype, layout, accumulate=False):
     from fastconv.triton_kernels.batch_norm import batch_norm_act_backward, channel_stats
 
     c = _t((2, 96, 56, 56), dtype, layout)
+    if accumulate:  # a dense block's prefix and its gradient buffer's slice
+        buffer = _t((2, 128, 56, 56), dtype, layout)
+        c, into = buffer[:, :96], _t((2, 128, 56, 56), dtype, layout)[:, :96]
+        batch_norm_act_backward(_t((2, 96, 56, 56), dtype, layout), c, _vec(96), _vec(96), _vec(96), _vec(96), 1, into)
+        return
     channel_stats(c)
     batch_norm_act_backward(_t((2, 96, 56, 56), dtype, layout), c, _vec(96), _vec(96), _vec(96), _vec(96), 3)
 
@@ -171,6 +176,7 @@ CASES = {
     # Training BatchNorm: statistics and backward, rows and planes.
     "batch_norm fp16 cl": (case_batch_norm, ("float16", CL)),
     "batch_norm fp32 nchw": (case_batch_norm, ("float32", NCHW)),
+    "batch_norm backward accumulate fp16 cl slice": (case_batch_norm, ("float16", CL, True)),
     # Depthwise forward (rows, planes; 3x3 s1, 5x5 s2, multiplier 2, statistics) and backward.
     "depthwise 3x3 fp16 cl": (case_depthwise, ("float16", CL)),
     "depthwise 5x5 s2 fp32 cl": (case_depthwise, ("float32", CL, 5, 2)),

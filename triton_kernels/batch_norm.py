@@ -233,7 +233,7 @@ def _rows_grad_input(
     R, C, H, W,
     g_sn, g_sh, g_sw, c_sn, c_sh, c_sw, gc_sn, gc_sh, gc_sw,
     ACTIVATION: tl.constexpr, MERGED: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     compute = tl.float64 if WIDE else tl.float32
     block = tl.program_id(0)
@@ -256,6 +256,8 @@ def _rows_grad_input(
     x = tl.load(c_ptr + c_offsets, mask=mask, other=0.0).to(compute)
     grad_z = g * activation_derivative(x * scale + shift, ACTIVATION)
     grad_c = scale * (grad_z - mean_g - (x - mean) * coef)
+    if ACCUMULATE:  # a dense block's gradient buffer: add, in the compute precision
+        grad_c += tl.load(gc_ptr + gc_offsets, mask=mask, other=0.0).to(compute)
     tl.store(gc_ptr + gc_offsets, grad_c.to(gc_ptr.dtype.element_ty), mask=mask)
 
 
@@ -266,7 +268,7 @@ def _planes_grad_input(
     C, HW, W,
     g_sn, g_sc, g_sh, g_sw, c_sn, c_sc, c_sh, c_sw, gc_sn, gc_sc, gc_sh, gc_sw,
     ACTIVATION: tl.constexpr, MERGED: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     compute = tl.float64 if WIDE else tl.float32
     plane = tl.program_id(0)  # n * C + c
@@ -290,7 +292,10 @@ def _planes_grad_input(
         x = tl.load(c_plane + _spatial_offsets(spatial, W, c_sh, c_sw, MERGED), mask=mask, other=0.0).to(compute)
         grad_z = g * activation_derivative(x * scale + shift, ACTIVATION)
         grad_c = scale * (grad_z - mean_g - (x - mean) * coef)
-        tl.store(gc_plane + _spatial_offsets(spatial, W, gc_sh, gc_sw, MERGED), grad_c.to(gc_ptr.dtype.element_ty), mask=mask)
+        gc_offsets = _spatial_offsets(spatial, W, gc_sh, gc_sw, MERGED)
+        if ACCUMULATE:
+            grad_c += tl.load(gc_plane + gc_offsets, mask=mask, other=0.0).to(compute)
+        tl.store(gc_plane + gc_offsets, grad_c.to(gc_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +348,7 @@ def batch_norm_act_backward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     activation: int,
+    accumulate_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_c, grad_weight, grad_bias) of y = act(z), z = (c - mean) * invstd * w + b, in
     training mode: mean and invstd are c's own batch statistics, and the gradient flows
@@ -364,8 +370,13 @@ def batch_norm_act_backward(
     partials, summed on the host); the second reads grad_y and c again, recomputes g and
     writes grad_c. Per element: 4 reads and 1 write, 5 * element_size bytes (when grad_y has
     c's dtype), plus O(programs x C) of partials.
+
+    accumulate_into: a tensor of c's shape and dtype, any strides (a channel slice of a dense
+    block's gradient buffer), to which grad_c is added in place and which is returned as grad_c:
+    one more read per element, where a separate grad_c and an add would cost a write and
+    three more passes.
     """
-    grad_c = torch.empty_like(c)
+    grad_c = torch.empty_like(c) if accumulate_into is None else accumulate_into
     N, C, H, W = c.shape
     accumulate = accumulate_dtype(c.dtype)
     R = N * H * W
@@ -377,6 +388,7 @@ def batch_norm_act_backward(
     tensors = [grad_y, c, grad_c]
     flags = _flags(c, tensors, activation)
     rows = channels_innermost_all(tensors)
+    accumulate_flag = dict(ACCUMULATE=accumulate_into is not None)
     if rows:
         merged, strides = pixel_strides(tensors)
         split = reduction_split(triton.cdiv(R, _SMALLEST_BLOCK_R), triton.cdiv(C, 64), c.device)
@@ -404,12 +416,12 @@ def batch_norm_act_backward(
         grid = lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))
         _rows_grad_input[grid](
             grad_y, c, grad_c, scale, shift, mean, mean_g, coef, R, C, H, W, *strides[0], *strides[1], *strides[2],
-            MERGED=merged, **flags,
+            MERGED=merged, **flags, **accumulate_flag,
         )
     else:
         grid = lambda meta: (N * C, min(triton.cdiv(H * W, meta["BLOCK_S"]), MAX_GRID_Y))
         _planes_grad_input[grid](
             grad_y, c, grad_c, scale, shift, mean, mean_g, coef, C, H * W, W, *strides[0], *strides[1], *strides[2],
-            MERGED=merged, **flags,
+            MERGED=merged, **flags, **accumulate_flag,
         )
     return grad_c, grad_weight, sum_g

@@ -87,6 +87,31 @@ def _backward_cuda(*, grad_y, c, mean, invstd, weight, bias, activation):
     return tuple(torch.ops.fastconv_cuda.batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, code))
 
 
+def _accumulate_torch(*, grad_y, c, mean, invstd, weight, bias, activation, grad_c):
+    grad, grad_weight, grad_bias = reference.batch_norm_act_backward(grad_y, c, mean, invstd, weight, bias, activation)
+    grad_c.add_(grad.to(grad_c.dtype))
+    return grad_weight.to(_wide(c)), grad_bias.to(_wide(c))
+
+
+def _accumulate_triton(*, grad_y, c, mean, invstd, weight, bias, activation, grad_c):
+    from fastconv.triton_kernels.batch_norm import batch_norm_act_backward
+
+    weight, bias, mean, invstd = contiguous_vectors(weight, bias, mean, invstd)
+    _, grad_weight, grad_bias = batch_norm_act_backward(
+        grad_y, c, mean, invstd, weight, bias, activation_code(activation), accumulate_into=grad_c
+    )
+    return grad_weight, grad_bias
+
+
+def _accumulate_cuda(*, grad_y, c, mean, invstd, weight, bias, activation, grad_c):
+    # Not fused on CUDA yet: the backward's grad_c, then one add (two more passes than Triton's).
+    grad, grad_weight, grad_bias = _backward_cuda(
+        grad_y=grad_y, c=c, mean=mean, invstd=invstd, weight=weight, bias=bias, activation=activation
+    )
+    grad_c.add_(grad)
+    return grad_weight, grad_bias
+
+
 STATS = OpImplementations("batch_norm_stats")
 STATS.register("cuda", _stats_cuda, refuse_float64("c"))
 STATS.register("triton", _stats_triton)
@@ -96,6 +121,11 @@ BACKWARD = OpImplementations("batch_norm_act_backward")
 BACKWARD.register("cuda", _backward_cuda, refuse_float64("c"))
 BACKWARD.register("triton", _backward_triton)
 BACKWARD.register("torch", _backward_torch)
+
+ACCUMULATE = OpImplementations("batch_norm_act_backward_accumulate")
+ACCUMULATE.register("cuda", _accumulate_cuda, refuse_float64("c"))
+ACCUMULATE.register("triton", _accumulate_triton)
+ACCUMULATE.register("torch", _accumulate_torch)
 
 
 # Registered ops -------------------------------------------------------------------------------
@@ -170,6 +200,46 @@ def _(grad_y, c, mean, invstd, weight, bias, activation):
     _check(c, mean, invstd, weight, bias, activation)
     wide = _wide(c)
     return torch.empty_like(c), c.new_empty(c.shape[1], dtype=wide), c.new_empty(c.shape[1], dtype=wide)
+
+
+@torch.library.custom_op("fastconv::batch_norm_act_backward_accumulate", mutates_args=("grad_c",))
+def batch_norm_act_backward_accumulate_op(
+    grad_y: torch.Tensor,
+    c: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    activation: Optional[str],
+    grad_c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_norm_act_backward whose grad_c is added into the given `grad_c` (c's shape and
+    dtype, any strides: a channel slice of a dense block's gradient buffer) in the same pass;
+    returns (grad_weight, grad_bias). Deterministic: no atomics, each element written once."""
+    _check_accumulate(grad_y, c, mean, invstd, weight, bias, activation, grad_c)
+    if c.numel() == 0:
+        zeros = torch.zeros(c.shape[1], dtype=_wide(c), device=c.device)
+        return zeros, zeros.clone()
+    return ACCUMULATE(
+        c.device, call_key(grad_y, c, weight, bias, activation, grad_c),
+        grad_y=grad_y, c=c, mean=mean, invstd=invstd, weight=weight, bias=bias, activation=activation, grad_c=grad_c,
+    )  # fmt: skip
+
+
+def _check_accumulate(grad_y, c, mean, invstd, weight, bias, activation, grad_c) -> None:
+    _check(c, mean, invstd, weight, bias, activation)
+    for name, t in (("grad_y", grad_y), ("grad_c", grad_c)):
+        check_same_device(name, t, "c", c)
+        check_shape(t, name, c.shape)
+        if t.dtype != c.dtype:
+            fail(f"{name} must have c's dtype {c.dtype}; got {t.dtype}")
+
+
+@batch_norm_act_backward_accumulate_op.register_fake
+def _(grad_y, c, mean, invstd, weight, bias, activation, grad_c):
+    _check_accumulate(grad_y, c, mean, invstd, weight, bias, activation, grad_c)
+    wide = _wide(c)
+    return c.new_empty(c.shape[1], dtype=wide), c.new_empty(c.shape[1], dtype=wide)
 
 
 def _setup_context(ctx, inputs, output) -> None:

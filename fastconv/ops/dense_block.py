@@ -23,7 +23,9 @@ still update its own running statistics exactly.
 
 Backward. One gradient buffer of the features' shape; layers are visited last to first, and
 layer j adds its gradient into the prefix slice grad[:, :C0 + j*k], so no per-layer cat or
-split is copied, and no float atomics are used (deterministic). Each layer's BatchNorm is
+split is copied, and no float atomics are used (deterministic). In training the add is the
+BatchNorm backward's own store (batch_norm_act_backward_accumulate; fused in the Triton kernel,
+a separate add on CUDA so far). Each layer's BatchNorm is
 differentiated on its own, through its batch statistics: shared statistics are a way of
 computing the same function as torchvision's, not a different function. The prologue is
 recomputed inside the weight-gradient kernel (pointwise_conv2d_backward_weight applies it on
@@ -362,11 +364,11 @@ def _train_backward(ctx, grad_features, _mean, _var, _bottlenecks, _bottleneck_m
             prefix = features[:, :start]
             scale, shift = _prologue(mean[:start], var[:start], eps, n1w[j], n1b[j])
             grad_a1, grads["w1"][j] = _bottleneck_backward(grad_c1, prefix, w1[j], scale, shift, needs[3])
-            grad_prefix, gw, gb = ops.batch_norm_act_backward(
-                grad_a1, prefix, mean[:start], invstd[:start], n1w[j], n1b[j], "relu"
+            # Added into the prefix's slice of the gradient buffer in the kernel's own pass.
+            gw, gb = ops.batch_norm_act_backward_accumulate(
+                grad_a1, prefix, mean[:start], invstd[:start], n1w[j], n1b[j], "relu", grad[:, :start]
             )
             grads["n1w"][j], grads["n1b"][j] = _to(gw, n1w[j]), _to(gb, n1b[j])
-            grad[:, :start].add_(grad_prefix)
     order = ("n1w", "n1b", "w1", "n2w", "n2b", "w2")
     # A list argument's gradient is a list of its length (torch.library checks the structure).
     lists = [grads[name] if needs[i + 1] else [None] * layers for i, name in enumerate(order)]
