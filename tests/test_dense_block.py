@@ -293,3 +293,34 @@ def test_batch_norm_backward_accumulates_into_a_buffer_slice(backend, layout):
     if backend == "torch":
         torch.library.opcheck(torch.ops.fastconv.batch_norm_act_backward_accumulate.default,
                               (grad_y, x, mean, invstd, weight, bias, "relu", buffer[:, 1 : c + 1].clone()))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stats", [True, False], ids=["stats", "plain"])
+def test_conv_writes_into_a_buffer_slice(backend, stats):
+    """fastconv::conv2d_out: the 3x3 conv stored into a channel slice of a wider channels_last
+    buffer, its other channels untouched, and the statistics of what was stored; opcheck."""
+    x = random_tensor((2, 6, 5, 7), torch.float32, "channel_slice", device=DEVICE)
+    weight = torch.randn(3, 6, 3, 3, device=DEVICE) / 7
+    buffer = random_tensor((2, 9, 5, 7), torch.float32, "channels_last", device=DEVICE)
+    before = buffer.clone()
+    with on_backend(backend):
+        mean, var = torch.ops.fastconv.conv2d_out(x, weight, (1, 1), (1, 1, 1, 1), (1, 1), 1, stats, buffer[:, 4:7])
+    want = F.conv2d(x.double(), weight.double(), padding=1)
+    torch.testing.assert_close(buffer[:, 4:7].double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buffer[:, :4], before[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(buffer[:, 7:], before[:, 7:], rtol=0, atol=0)
+    if stats:
+        ref_var, ref_mean = torch.var_mean(buffer[:, 4:7].double(), dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+    else:
+        assert mean.numel() == var.numel() == 0
+    if backend == "torch":
+        torch.library.opcheck(torch.ops.fastconv.conv2d_out.default,
+                              (x, weight, (1, 1), (1, 1, 1, 1), (1, 1), 1, stats, buffer[:, 4:7].clone()))  # fmt: skip
+    with on_backend(backend), pytest.raises(ValueError, match=r"out must not overlap x"):
+        wide = torch.randn(2, 12, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        torch.ops.fastconv.conv2d_out(wide[:, :6], weight, (1, 1), (1, 1, 1, 1), (1, 1), 1, stats, wide[:, 3:6])
+    with on_backend(backend), pytest.raises(ValueError, match=r"out must have shape \(2, 3, 5, 7\); got \(2, 2, 5, 7\)"):
+        torch.ops.fastconv.conv2d_out(x, weight, (1, 1), (1, 1, 1, 1), (1, 1), 1, stats, buffer[:, 4:6])

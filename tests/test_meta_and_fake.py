@@ -29,6 +29,12 @@ def _calls():
             t(2, 4, 9, 9), t(6, 4, 3, 3), None, (1, 1), (1, 1, 1, 1), (1, 1), 1
         ),
         "batch_norm_stats": lambda t: torch.ops.fastconv.batch_norm_stats(t(2, 6, 5, 7, cl=True)),
+        "conv2d_out": lambda t: torch.ops.fastconv.conv2d_out(
+            t(2, 4, 9, 9), t(6, 4, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, True, t(2, 6, 9, 9, cl=True)
+        ),
+        "batch_norm_act_backward_accumulate": lambda t: torch.ops.fastconv.batch_norm_act_backward_accumulate(
+            t(2, 6, 5, 7), t(2, 6, 5, 7), t(6), t(6), t(6), t(6), "relu", t(2, 6, 5, 7, cl=True)
+        ),
         "dense_block_train": lambda t: torch.ops.fastconv.dense_block_train(
             t(2, 3, 5, 7), [t(3), t(5)], [t(3), t(5)], [t(4, 3, 1, 1), t(4, 5, 1, 1)], [t(4), t(4)], [t(4), t(4)],
             [t(2, 4, 3, 3), t(2, 4, 3, 3)], [], 0.0, 1e-5,

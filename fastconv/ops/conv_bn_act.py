@@ -46,6 +46,7 @@ from fastconv.ops._common import (
     check_like,
     contiguous_vectors,
     conv_output_size,
+    may_overlap,
     refuse_float64_and_fp32_without_tf32,
     tensors_only,
 )
@@ -306,6 +307,89 @@ def _backward_stats(ctx, grad_c, _grad_mean, _grad_var):
 
 conv2d_batch_stats_op.register_autograd(_backward_stats, setup_context=_setup_stats)
 register_autocast(conv2d_batch_stats_op, cast=("x", "weight", "bias"))
+
+
+# Into a given output ------------------------------------------------------------------------------
+
+
+def _into_triton(*, x, weight, stride, padding, dilation, groups, compute_stats, out):
+    from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
+
+    _, mean, var = conv_bn_act_forward(x, weight, out, None, stride, padding, dilation, groups, None, None, 0,
+                                       compute_stats, allow_tf32())  # fmt: skip
+    return mean, var
+
+
+def _into_copying(backend: str):
+    """The route's own op, then a copy into `out` (the cuda kernel allocates its output)."""
+
+    def run(*, x, weight, stride, padding, dilation, groups, compute_stats, out):
+        with use_backend(backend):
+            if compute_stats:
+                c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, None, stride, padding, dilation, groups)
+            else:
+                c = torch.ops.fastconv.conv2d_bn_act(x, weight, None, stride, padding, dilation, groups, None, None, None)
+                mean = var = None
+        out.copy_(c)
+        return mean, var
+
+    return run
+
+
+INTO = OpImplementations("conv2d_out")
+INTO.register("cuda", _into_copying("cuda"), refuse_float64_and_fp32_without_tf32("x"))
+INTO.register("triton", _into_triton)
+INTO.register("torch", _into_copying("torch"))
+
+
+@torch.library.custom_op("fastconv::conv2d_out", mutates_args=("out",))
+def conv2d_out_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    compute_stats: bool,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The implicit-GEMM convolution (no bias, no epilogue) written into `out`, e.g. a channel
+    slice of a dense block's feature buffer, with, when compute_stats, the per-channel batch mean
+    and biased variance of what was written (else two empty tensors). The Triton kernel stores
+    straight into `out`; the cuda backend copies its output there (not yet fused)."""
+    args = (x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups)
+    size = _check_conv(*args)
+    _check_into(x, weight, size, out)
+    if route(x.shape[1], weight.shape, stride, padding, groups) != "gemm":
+        fail("conv2d_out serves the implicit GEMM only (not a depthwise or an unpadded stride-1 1x1 conv)")
+    if x.shape[0] == 0:
+        fill = float("nan") if compute_stats else 0.0
+        stats = _stats_like(x, weight).fill_(fill)[: weight.shape[0] if compute_stats else 0]
+        return stats, stats.clone()
+    mean, var = INTO(x.device, call_key(*args, compute_stats, out), x=x, weight=weight, stride=tuple(stride),
+                     padding=tuple(padding), dilation=tuple(dilation), groups=groups, compute_stats=compute_stats,
+                     out=out)  # fmt: skip
+    if not compute_stats:
+        empty = x.new_empty(0, dtype=accumulate_dtype(x.dtype))
+        return empty, empty.clone()
+    return mean, var
+
+
+def _check_into(x, weight, size, out) -> None:
+    check_like("out", out, x)
+    shape = (x.shape[0], weight.shape[0], *size)
+    if tuple(out.shape) != shape:
+        fail(f"out must have shape {shape}; got {tuple(out.shape)}")
+    if not isinstance(out, torch._subclasses.FakeTensor) and out.device.type != "meta" and may_overlap(out, x):
+        fail("out must not overlap x: the kernel would read what it has already written")
+
+
+@conv2d_out_op.register_fake
+def _(x, weight, stride, padding, dilation, groups, compute_stats, out):
+    size = _check_conv(x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups)
+    _check_into(x, weight, size, out)
+    channels = weight.shape[0] if compute_stats else 0
+    return _stats_like(x, weight)[:channels].clone(), _stats_like(x, weight)[:channels].clone()
 
 
 # Routing and the public function ---------------------------------------------------------------

@@ -36,7 +36,10 @@ output before its BatchNorm), both linear in depth. The bottleneck's BatchNorm +
 is recomputed (one elementwise pass), as is, in eval mode, the bottleneck itself (one GEMM).
 
 The ops compose fastconv's pointwise, batch-norm and implicit-GEMM ops, so every backend
-(cuda, triton, torch) runs the block on its own kernels.
+(cuda, triton, torch) runs the block on its own kernels. The 3x3 conv stores straight into the
+buffer's slice (conv2d_out) and the prologue gradient is added into the gradient buffer by the
+BatchNorm backward's own store (batch_norm_act_backward_accumulate), both on the Triton kernels;
+the CUDA kernels allocate their outputs, so there each costs one copy or add of the slice.
 """
 
 from __future__ import annotations
@@ -172,11 +175,10 @@ def _train_forward(x, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm
             features[:, prefix:end] = _masked(_conv3x3(a2, conv2_weight[j]), dropout_mask[j], drop_rate)
             mean[prefix:end], var[prefix:end] = ops.batch_norm_stats(features[:, prefix:end])
         else:
-            # The statistics come with the conv (its epilogue on the triton and cuda backends).
-            c2, mean[prefix:end], var[prefix:end] = ops.conv2d_batch_stats(
-                a2, conv2_weight[j], None, _STRIDE, _PADDING, _DILATION, 1
+            # Stored straight into the buffer's slice, with its statistics from the epilogue.
+            mean[prefix:end], var[prefix:end] = ops.conv2d_out(
+                a2, conv2_weight[j], _STRIDE, _PADDING, _DILATION, 1, True, features[:, prefix:end]
             )
-            features[:, prefix:end] = c2
     return features, mean, var, bottlenecks, bottleneck_mean, bottleneck_var
 
 
@@ -191,7 +193,8 @@ def _eval_forward(x, in_scale, in_shift, conv1_weight, scale, shift, conv2_weigh
             features[:, :prefix], conv1_weight[j], scale=scale[j], shift=shift[j], activation="relu",
             in_scale=in_scale[j], in_shift=in_shift[j], in_activation="relu",
         )  # fmt: skip
-        features[:, prefix : prefix + growth] = _conv3x3(a2, conv2_weight[j])
+        torch.ops.fastconv.conv2d_out(a2, conv2_weight[j], _STRIDE, _PADDING, _DILATION, 1, False,
+                                      features[:, prefix : prefix + growth])  # fmt: skip
     return features
 
 

@@ -32,6 +32,7 @@ from fastconv.ops._common import (
     call_key,
     check_activation_input,
     input_grads_wanted,
+    may_overlap,
     check_bias,
     check_epilogue,
     check_like,
@@ -68,44 +69,13 @@ def _check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shi
     return shape
 
 
-def _span(tensor: torch.Tensor) -> tuple[int, int]:
-    """[first, last] byte addresses the tensor can touch."""
-    start = tensor.data_ptr()
-    extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    return start, start + extent * tensor.element_size()
-
-
-def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors can share an element; exact for channel slices of one buffer.
-
-    DenseNet's features are channel slices of one channels_last buffer: x = buffer[:, :k] and
-    out = buffer[:, k:k + g] interleave in memory but never share an element. Other layouts
-    get the conservative answer: overlapping address ranges overlap.
-    """
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    (a_first, a_last), (b_first, b_last) = _span(a), _span(b)
-    if a_last < b_first or b_last < a_first:
-        return False
-    same_pixels = [a.stride(d) for d in (0, 2, 3)] == [b.stride(d) for d in (0, 2, 3)] and a.shape[2:] == b.shape[2:]
-    if same_pixels and a.stride(1) == b.stride(1) == 1:
-        # Channel runs within each pixel: [offset, offset + C) relative to the lower offset.
-        base = min(a.storage_offset(), b.storage_offset())
-        a_run = (a.storage_offset() - base, a.storage_offset() - base + a.shape[1])
-        b_run = (b.storage_offset() - base, b.storage_offset() - base + b.shape[1])
-        pixel_strides = [a.stride(d) for d in (0, 2, 3) if a.shape[d] > 1]
-        if not pixel_strides or max(a_run[1], b_run[1]) <= min(pixel_strides):
-            return a_run[0] < b_run[1] and b_run[0] < a_run[1]
-    return True
-
-
 def _check_out(out: torch.Tensor, shape, x, weight, residual, real_tensors: bool = True) -> None:
     check_like("out", out, x)
     check_shape(out, "out", shape)
     if not real_tensors:
         return  # fake tensors have no addresses to compare
     for name, other in (("x", x), ("weight", weight), ("residual", residual)):
-        if other is not None and _may_overlap(out, other):
+        if other is not None and may_overlap(out, other):
             fail(f"out must not overlap {name}: the kernel would read what it has already written")
 
 
