@@ -24,7 +24,7 @@ import functools
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterator, Optional
+from typing import Callable, Hashable, Iterator, Optional, Sequence
 
 import torch
 
@@ -156,8 +156,11 @@ class OpImplementations:
     a check names what it reads (`refuse_float64("x")`) instead of guessing positions.
     """
 
-    def __init__(self, op_name: str) -> None:
+    def __init__(self, op_name: str, accumulates: Sequence[str] = ()) -> None:
+        """accumulates: the arguments the op adds into (a dense block's gradient buffer). `auto`
+        times the candidates on copies of them: each timed call would add again."""
         self.op_name = op_name
+        self._accumulates = tuple(accumulates)
         self._functions: dict[str, Callable] = {}
         self._supports: dict[str, Supports] = {}
         self._auto_choice: dict[Hashable, str] = {}
@@ -204,7 +207,10 @@ class OpImplementations:
             return self._run_first_that_works(candidates, arguments)
         from fastconv._timing import time_candidates
 
-        timings = time_candidates({name: self._functions[name] for name in candidates}, arguments)
+        # Timing runs each candidate several times: what it adds into gets a scratch copy.
+        timed = {**arguments, **{name: arguments[name].clone() for name in self._accumulates}}
+        timings = time_candidates({name: self._functions[name] for name in candidates}, timed)
+        del timed
         winner = min(timings, key=timings.get) if timings else candidates[-1]
         with self._lock:
             self._auto_choice[key] = winner

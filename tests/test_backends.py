@@ -125,3 +125,28 @@ def test_backward_runs_on_the_forward_backend_from_another_thread():
     finally:
         bn_act_module.BACKWARD._functions["torch"] = original
     assert seen == ["torch"]
+
+
+def test_auto_times_an_accumulating_op_on_scratch_copies(monkeypatch):
+    """`auto`'s first-call timing runs every candidate several times; an op that adds into an
+    argument (batch_norm_act_backward_accumulate's grad_c) must add once, not once per timed call."""
+    import fastconv._timing
+    from fastconv.backends import OpImplementations
+
+    implementations = OpImplementations("accumulating test op", accumulates=("into",))
+    for name in ("triton", "torch"):
+        implementations.register(name, lambda *, into, value: into.add_(value))
+    monkeypatch.setattr(implementations, "why_not", lambda name, *args, **kwargs: None if implementations.has(name) else "no")
+
+    def time_candidates(functions, arguments):  # the real one's calls, without CUDA events
+        for function in functions.values():
+            for _ in range(1 + fastconv._timing.TIMED_CALLS):
+                function(**arguments)
+        return {name: float(i) for i, name in enumerate(functions)}
+
+    monkeypatch.setattr(fastconv._timing, "time_candidates", time_candidates)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA here
+    into = torch.zeros(3)
+    with fastconv.use_backend("auto"):
+        implementations(torch.device("cuda"), "key", into=into, value=torch.ones(3))
+    assert into.tolist() == [1.0, 1.0, 1.0]

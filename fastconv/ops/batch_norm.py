@@ -122,7 +122,7 @@ BACKWARD.register("cuda", _backward_cuda, refuse_float64("c"))
 BACKWARD.register("triton", _backward_triton)
 BACKWARD.register("torch", _backward_torch)
 
-ACCUMULATE = OpImplementations("batch_norm_act_backward_accumulate")
+ACCUMULATE = OpImplementations("batch_norm_act_backward_accumulate", accumulates=("grad_c",))
 ACCUMULATE.register("cuda", _accumulate_cuda, refuse_float64("c"))
 ACCUMULATE.register("triton", _accumulate_triton)
 ACCUMULATE.register("torch", _accumulate_torch)
