@@ -37,7 +37,7 @@ test: build
 	$(PY) -m pytest -n $(TEST_WORKERS)
 
 demo: build
-	$(PY) -m fastconv.demo
+	$(PY) -m fastconv demo
 
 benchmark: build
 	$(PY) -m benchmarks.run

@@ -88,3 +88,73 @@ def touches(ops) -> int:
 
 def ops_text(ops) -> str:
     return " | ".join(f"{name} R{r}W{w}" for name, r, w in ops)
+
+
+# Bytes of a whole model ---------------------------------------------------------------------
+# `python -m fastconv bench --traffic`: what each top-level op (one kernel, or for fastconv's
+# ops the op's own kernels) reads and writes, for the eager model's aten ops and for the
+# optimised model's fastconv ops alike. The ideal count: each input tensor read once and each
+# output written once per op, which is what a kernel that moves no more than it must costs.
+
+# fastconv ops that compose other fastconv ops (several kernels each): their parts are counted.
+COMPOSITE_OPS = {"dense_block_train", "dense_block_eval"}
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+               "alias", "clone_preserve"}  # fmt: skip
+_FILLS = {"zeros_like", "ones_like", "full_like", "fill_", "zero_", "zeros", "ones", "full"}
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _byte_counter_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class ByteCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []  # (namespace::name, bytes read, bytes written)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            namespace, name = func.namespace, func._opname
+            if namespace == "fastconv" and name in COMPOSITE_OPS:
+                # Its parts, each a kernel of its own, are what is counted: run its Python
+                # implementation with this mode on (calling the op again would come back here).
+                from torch._library.custom_ops import _maybe_get_opdef
+
+                with self:
+                    return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if func.is_view or name in _NO_TRAFFIC or namespace == "prim":
+                return out
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            mutated = [a for a, arg in zip(args, func._schema.arguments)
+                       if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write]
+            written = {id(t): t for t in outputs + mutated}
+            read = {} if name in _FILLS else {id(t): t for t in inputs if id(t) not in written or name.endswith("_")}
+            self.ops.append((f"{namespace}::{name}", sum(map(_tensor_bytes, read.values())),
+                             sum(map(_tensor_bytes, written.values()))))  # fmt: skip
+            return out
+
+    return ByteCounter
+
+
+def count_bytes(step) -> list:
+    """[(op, bytes read, bytes written)] of `step()`, one row per top-level op call. Run step
+    once before, so that what a module caches (a folded BatchNorm) is not counted."""
+    counter = _byte_counter_class()()
+    with counter:
+        step()
+    return counter.ops
+
+
+def bytes_by_op(ops) -> dict:
+    """{op: (calls, bytes read, bytes written)}, the largest total first."""
+    totals = {}
+    for name, read, written in ops:
+        calls, r, w = totals.get(name, (0, 0, 0))
+        totals[name] = (calls + 1, r + read, w + written)
+    return dict(sorted(totals.items(), key=lambda kv: -(kv[1][1] + kv[1][2])))

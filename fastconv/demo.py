@@ -1,8 +1,11 @@
-"""`python -m fastconv.demo` (what `make demo` runs).
+"""`python -m fastconv demo` (what `make demo` runs; also `python -m fastconv.demo`).
 
-On a GPU it is the speed table: the benchmark suites against cuDNN and torch.compile. On a
-CPU it is a correctness demo: every op on every backend that can run here (the Triton kernels
-in Triton's interpreter) against the float64 PyTorch reference, one line per case.
+On a GPU: a short `python -m fastconv bench` of MobileNetV2 against eager cuDNN. On a CPU:
+torchvision's MobileNetV2 and DenseNet121 with random weights and BatchNorm statistics go
+through fastconv.optimize, which prints what it swapped; the demo checks that their outputs
+match the originals', and prints the bytes one inference step moves, counted, against eager's.
+`--ops` adds the op-level check: every op on every backend that can run here (the Triton
+kernels in Triton's interpreter) against the float64 PyTorch reference, one line per case.
 """
 
 from __future__ import annotations
@@ -119,14 +122,43 @@ def correctness_demo() -> int:
     return 1 if failures else 0
 
 
-def main() -> int:
-    if torch.cuda.is_available():
-        # benchmarks/ is installed inside the package (setup.py's package_dir), so this works
-        # from any directory, not only the repository root.
-        from fastconv.benchmarks.run import main as run_benchmarks
+def model_demo() -> int:
+    """optimize() on torchvision's MobileNetV2 and DenseNet121: what was swapped, the output
+    error against the original (eval, fp32, 2x3x64x64), and the counted bytes of one step."""
+    import torchvision  # noqa: F401  (fastconv.bench builds from it)
 
-        return run_benchmarks([])
-    return correctness_demo()
+    from fastconv import bench
+
+    failures = 0
+    for name in ("mobilenet_v2", "densenet121"):
+        print(f"\n== {name} (torchvision, random weights and BatchNorm statistics) ==")
+        original = bench.build(name, "cpu", channels_last=False).eval()
+        optimised = fastconv.optimize(original, verbose=True).eval()
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            want, got = original(x), optimised(x)
+        error = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+        ok = error <= 1e-4
+        failures += not ok
+        eager_bytes, _ = bench.counted(original, 256, 224, "inference", torch.float16, True)
+        ours_bytes, _ = bench.counted(optimised, 256, 224, "inference", torch.float16, True)
+        print(f"{name}: max |optimised - original| = {error:.2e} of max |output| ({'ok' if ok else 'FAIL'})")
+        print(f"{name}: one inference step at batch 256, 224x224, fp16, channels_last moves {eager_bytes / 1e9:.2f} GB "
+              f"in eager PyTorch's ops and {ours_bytes / 1e9:.2f} GB in fastconv's: {eager_bytes / ours_bytes:.2f}x "
+              "less (counted: python -m fastconv bench --traffic)")  # fmt: skip
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if torch.cuda.is_available():
+        from fastconv import bench
+
+        return bench.main(["--model", "mobilenet_v2", "--batch", "64", "--compare", "eager", "--channels-last"])
+    status = model_demo()
+    if "--ops" in argv:
+        status |= correctness_demo()
+    return status
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ def test_densenet_is_fused_whole():
     kinds = {kind: sum(type(m) is kind for m in optimized.modules()) for kind in (DenseBlock, Transition, BatchNormAct2d)}
     assert kinds == {DenseBlock: 4, Transition: 3, BatchNormAct2d: 1}
     assert "features.denseblock1" in printed and "DenseBlock" in printed
+    assert "left alone" not in printed  # its FusedSequential is fastconv's own, not a custom forward
 
 
 def test_inplace_shares_parameters_and_an_optimizer_step_reaches_the_optimized_model():

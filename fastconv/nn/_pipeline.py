@@ -265,7 +265,8 @@ def leftovers(model: nn.Module, report: Report) -> None:
                 report.skipped.append((child_path, type(child).__name__,
                                        "squeeze-excitation: no fused kernel; its convs converted one by one"))  # fmt: skip
             visit(child, child_path, seen)
-        if isinstance(module, nn.Sequential) and type(module).forward is not nn.Sequential.forward:
+        own_forward = type(module).forward is not nn.Sequential.forward and not isinstance(module, FusedSequential)
+        if isinstance(module, nn.Sequential) and own_forward:
             report.skipped.append((path, type(module).__name__, "Sequential subclass with its own forward"))
 
     visit(model, "", set())

@@ -1,0 +1,89 @@
+"""`python -m fastconv bench` and `python -m fastconv demo` on the CPU: the byte count checked by
+hand for one conv, the counts of a whole model, a tiny timed run's outputs, the demo, and bad
+arguments. The GPU numbers are gpu_check's and the results folder's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+from fastconv import __main__ as entry
+from fastconv import bench
+from fastconv.benchmarks.traffic import bytes_by_op, count_bytes
+
+
+def test_one_conv_is_counted_as_by_hand():
+    """A 1x1 conv of x (2, 8, 5, 5) fp32 to 4 channels: it reads x (2*8*5*5*4 = 1600 bytes) and
+    the weight (4*8*4 = 128) and writes y (2*4*5*5*4 = 800); fastconv's op the same."""
+    conv = nn.Conv2d(8, 4, 1, bias=False)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        assert count_bytes(lambda: conv(x)) == [("aten::convolution", 1728, 800)]
+        ours = count_bytes(lambda: fastconv.pointwise_conv2d(x, conv.weight))
+    assert ours == [("fastconv::pointwise_conv2d", 1728, 800)]
+
+
+def test_an_in_place_op_reads_and_writes_its_tensor():
+    x = torch.randn(3, 4)
+    assert count_bytes(lambda: x.relu_()) == [("aten::relu_", 48, 48)]
+
+
+def test_dense_block_is_counted_by_its_kernels():
+    """A composite op (dense_block_eval) counts its parts, not just its own input and output."""
+    block = fastconv.nn.DenseBlock(2, 4, 2, 2).eval()
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad(), fastconv.use_backend("torch"):
+        block(x)
+        ops = bytes_by_op(count_bytes(lambda: block(x)))
+    assert ops["fastconv::pointwise_conv2d"][0] == 2 and ops["fastconv::conv2d_out"][0] == 2
+    assert "fastconv::dense_block_eval" not in ops
+
+
+def test_traffic_of_a_model(tmp_path):
+    assert bench.main(["--traffic", "--model", "mobilenet_v2", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "traffic.json").read_text())
+    assert (row["batch"], row["size"], row["dtype"]) == (256, 224, "fp16")  # counted on meta: full size anywhere
+    # The fused blocks' traffic is their inputs and outputs (about 1.1 GB at batch 256, fp16).
+    assert 1.0e9 < row["fastconv_bytes"] < 1.3e9 and row["ratio"] > 10
+    assert 0.5 < row["flops"] / (256 * 0.6e9) < 1.1  # MobileNetV2: about 0.3 G multiply-adds an image
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's harness check")
+def test_a_tiny_timed_run_writes_its_table_json_and_plot(tmp_path, capsys):
+    args = ["--model", "mobilenet_v2", "--batch", "1", "--size", "32", "--compare", "eager", "--steps", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "CPU RUN" in printed and "fastconv speedup" in printed
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["variant"] for r in results] == ["fastconv", "eager"]
+    assert all(r["ms"] > 0 and r["error"] is None for r in results)
+    assert results[0]["max_abs_err"] < 1e-3 and results[1]["speedup_of_fastconv"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--compare", "eager,tensorrt"])
+    assert exit.value.code == 2
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "alexnet"])
+    with pytest.raises(SystemExit):
+        bench.main(["--batch", "0"])
+    assert entry.main([]) == 2
+    assert entry.main(["frobnicate"]) == 2
+    assert entry.main(["--help"]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the demo is a benchmark")
+def test_demo_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "fastconv", "demo"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "mobilenet_v2: max |optimised - original|" in done.stdout and "(ok)" in done.stdout
+    assert "densenet121" in done.stdout and "less (counted" in done.stdout
