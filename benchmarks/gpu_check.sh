@@ -15,6 +15,7 @@
 #   smoke           correctness: the small `sanitizer`-named tests, both GPU backends
 #   memcheck        compute-sanitizer memcheck on the CUDA share of that subset
 #   bench-headline  the headline suites (every suite but bn_act), no torch.compile baselines
+#   bench-model     python -m fastconv bench: MobileNetV2 inference, batch 256, fp16, channels_last
 #   bench-compile   the same suites with their torch.compile baselines
 #   gpu-tests       the rest of the GPU tests (gets the time the earlier steps left over)
 #   racecheck       compute-sanitizer racecheck on the CUDA subset
@@ -23,7 +24,7 @@
 # The whole run fits in GPU_CHECK_BUDGET_S (default 540 s; the caps below sum to it), which
 # leaves a rerun on the warm machine within its 15 minutes: ninja then skips the rebuild.
 #
-# Only 8 files, 2 folders deep, come back from OUTDIR, so it holds 6, each rewritten whole
+# Only 8 files, 2 folders deep, come back from OUTDIR, so it holds 8, each rewritten whole
 # (then renamed) when a step ends:
 #   gpu_check.log  everything printed, all steps
 #   junit.xml      one <testsuite> per pytest step (smoke, memcheck, gpu-tests, racecheck)
@@ -31,6 +32,8 @@
 #   summary.md     geomean table, notes, per-case tables: rewritten after each suite
 #   speedup.png    speedup plot: rewritten after each suite
 #   memory.png     the dense suite's memory against depth: rewritten after each suite
+#   bench.json     python -m fastconv bench: MobileNetV2 inference against eager cuDNN
+#   bench.png      its bar chart
 #
 # Exit status: 0 when every step passed, else 1; 2 for bad arguments. Environment knobs:
 #   PYTHON (default python, else python3), GPU_CHECK_BUDGET_S, BENCH_ARGS (default --quick),
@@ -51,16 +54,17 @@ PLAN=(
     "backends 15"
     "smoke 60"
     "memcheck 40"
-    "bench-headline 120"
-    "bench-compile 40"
+    "bench-headline 110"
+    "bench-model 35"
+    "bench-compile 35"
     "gpu-tests 25"
-    "racecheck 25"
-    "bench-bn_act 25"
+    "racecheck 20"
+    "bench-bn_act 15"
 )
 # The step that also gets the seconds the earlier ones left unused (a warm rebuild takes
 # about 10 s of build's 170): the GPU tests, about 360 of them, are the ones a cap cuts short.
 ELASTIC=gpu-tests
-OUTPUTS=(gpu_check.log junit.xml records.json summary.md speedup.png memory.png)
+OUTPUTS=(gpu_check.log junit.xml records.json summary.md speedup.png memory.png bench.json bench.png)
 DEFAULT_BUDGET=540
 BUDGET=${GPU_CHECK_BUDGET_S:-$DEFAULT_BUDGET}
 
@@ -290,6 +294,11 @@ SUITES=$("$PY" -m benchmarks.run --list 2> /dev/null | grep -v -x -e ceilings -e
 [[ -n $SUITES ]] || SUITES="conv_bn_act depthwise pointwise"
 # shellcheck disable=SC2086  # SUITES is a list of names
 bench_step bench-headline $SUITES --no-compile
+
+# 6b. A whole model: MobileNetV2 inference against eager cuDNN, on the cuda backend (under auto
+#     each of its layer shapes would cost Triton compiles and timing first).
+step bench-model "0" "$PY" -m fastconv bench --model mobilenet_v2 --batch 256 --dtype fp16 --mode inference \
+    --compare eager --channels-last --backend cuda --steps 10 --out "$OUT"
 
 # 7. The same suites with their compile baselines; each record replaces its headline twin.
 # shellcheck disable=SC2086

@@ -319,6 +319,8 @@ def _parse(argv):
     p.add_argument("--all", action="store_true", help="every model, inference and train")
     p.add_argument("--traffic", action="store_true", help="count the bytes moved instead of timing")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "torch"),
+                   help="fastconv's backend (default: auto, or FASTCONV_BACKEND)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/bench-<device>/)")
     args = p.parse_args(argv)
     args.compare = [c for c in args.compare.split(",") if c]
@@ -365,9 +367,13 @@ def main(argv=None) -> int:
         progress = lambda text: bar.set_description(text) if text else bar.update(1)  # noqa: E731
     except ImportError:
         bar, progress = None, lambda text: text and print(f"... {text}", flush=True)
+    import fastconv
+
     results = []
+    chosen = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     for name, mode in cases:
-        results += run_case(name, mode, args, device, progress)
+        with chosen:
+            results += run_case(name, mode, args, device, progress)
         _write(os.path.join(out, "bench.json"), [asdict(r) for r in results])  # kept as it goes
     if bar is not None:
         bar.close()

@@ -13,7 +13,7 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
 # Most valuable first (issue 10): correctness, then memory errors, then the headline numbers.
 ORDER = [
-    "env", "build", "backends", "smoke", "memcheck", "bench-headline", "bench-compile",
+    "env", "build", "backends", "smoke", "memcheck", "bench-headline", "bench-model", "bench-compile",
     "gpu-tests", "racecheck", "bench-bn_act",
 ]
 # What a run on the GPU machine returns: at most 8 files, at most 2 folders deep.
