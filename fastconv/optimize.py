@@ -78,7 +78,8 @@ def optimize(model: nn.Module, *, inplace: bool = False, verbose: bool = False) 
     What is recognised (see fastconv/nn/_pipeline.py): torchvision's InvertedResidual ->
     InvertedResidual; torchvision's BasicBlock/Bottleneck -> ResNetBlock (with the residual
     add and ReLU in the last 1x1 conv's epilogue); a torchvision ResNet's stem bn1 + relu ->
-    BatchNormAct2d; nn.Sequential(Conv2d, BatchNorm2d[, ReLU/ReLU6/SiLU/Hardswish/Identity])
+    BatchNormAct2d; torchvision's _DenseBlock/_Transition -> DenseBlock/Transition (and a
+    DenseNet's norm5 -> BatchNormAct2d); nn.Sequential(Conv2d, BatchNorm2d[, ReLU/ReLU6/SiLU/Hardswish/Identity])
     (torchvision's Conv2dNormActivation) -> ConvBNAct2d; a remaining depthwise Conv2d ->
     DepthwiseConv2d and a remaining plain 1x1 Conv2d -> PointwiseConv2d. Anything with a hook,
     a Sequential subclass with its own forward, and unknown blocks (squeeze-excitation, say)
