@@ -80,7 +80,8 @@ def optimize(model: nn.Module, *, inplace: bool = False, verbose: bool = False) 
     add and ReLU in the last 1x1 conv's epilogue); a torchvision ResNet's stem bn1 + relu ->
     BatchNormAct2d; torchvision's _DenseBlock/_Transition -> DenseBlock/Transition (and a
     DenseNet's norm5 -> BatchNormAct2d); nn.Sequential(Conv2d, BatchNorm2d[, ReLU/ReLU6/SiLU/Hardswish/Identity])
-    (torchvision's Conv2dNormActivation) -> ConvBNAct2d; a remaining depthwise Conv2d ->
+    (torchvision's Conv2dNormActivation) -> ConvBNAct2d; timm's blocks' and models' conv ->
+    BatchNorm attribute pairs -> FusedConv2d + FoldedBatchNorm2d (the same keys); a remaining depthwise Conv2d ->
     DepthwiseConv2d and a remaining plain 1x1 Conv2d -> PointwiseConv2d. Anything with a hook,
     a Sequential subclass with its own forward, and unknown blocks (squeeze-excitation, say)
     are left as they are; their convs may still be swapped one by one.

@@ -22,7 +22,9 @@ The parts, in optimize's order:
                  torchvision DenseNet's norm5 -> BatchNormAct2d; a
                  plain nn.Sequential holding Conv2d, BatchNorm2d[, act] runs among other
                  children (VGG's features) -> FusedSequential (the same children and keys)
-    "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d
+    "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d; the conv -> BatchNorm
+                 attribute pairs of timm's blocks and models -> FusedConv2d + FoldedBatchNorm2d
+                 (attribute_fusion.py); any other timm BatchNormAct2d -> BatchNormAct2d
     "depthwise"  a remaining Conv2d with groups == in_channels -> DepthwiseConv2d
     "pointwise"  a remaining plain 1x1 Conv2d -> PointwiseConv2d
 
@@ -39,6 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastconv.nn.attribute_fusion import FoldedBatchNorm2d, FusedConv2d, batch_norm_activation, fuse_attributes
 from fastconv.nn.batch_norm import BatchNormAct2d
 from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
 from fastconv.nn.dense import DenseBlock, Transition
@@ -49,7 +52,8 @@ from fastconv.nn.resnet import ResNetBlock, is_torchvision_resnet_block
 from fastconv.nn.sequential import FusedSequential, fusable_runs, run_batchnorms
 
 PARTS = ("blocks", "fuse", "depthwise", "pointwise")
-FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock, DenseBlock, Transition)
+FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock, DenseBlock, Transition, FusedConv2d,
+         FoldedBatchNorm2d)
 _DENSENET = {"_DenseBlock": DenseBlock, "_Transition": Transition}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -65,6 +69,11 @@ class Report:
 def hooked(module: nn.Module) -> bool:
     """Whether module or any submodule has a hook a fused kernel would bypass."""
     return any(getattr(m, name, None) for m in module.modules() for name in _HOOKS)
+
+
+def hooked_self(module: nn.Module) -> bool:
+    """Whether module itself (not its children) has a hook."""
+    return any(getattr(module, name, None) for name in _HOOKS)
 
 
 def _is_torchvision(module: nn.Module, module_name: str, class_name: str) -> bool:
@@ -131,6 +140,21 @@ def _densenet_head(model: nn.Module, path: str, report: Report) -> None:
     report.replaced.append((f"{prefix}features.norm5", "BatchNorm2d", "BatchNormAct2d (no activation: forward's ReLU)"))
 
 
+def _is_timm_batch_norm_act(child: nn.Module) -> bool:
+    """timm's BatchNormAct2d with an activation and drop fastconv honours (not inside a pair:
+    fuse_attributes took those first)."""
+    return type(child).__name__ == "BatchNormAct2d" and type(child).__module__.startswith("timm.") and \
+        batch_norm_activation(child)[0]  # fmt: skip
+
+
+def _fuse_attributes(module: nn.Module, path: str, report: Report) -> None:
+    """timm's blocks and models: their conv -> BatchNorm attribute pairs (attribute_fusion)."""
+    replaced, skipped = fuse_attributes(module)
+    prefix = f"{path}." if path else ""
+    report.replaced += [(f"{prefix}{name}", *rest) for name, *rest in replaced]
+    report.skipped += [(f"{prefix}{name}", *rest) for name, *rest in skipped]
+
+
 def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
     """The replacement of child by the parts asked for, or None."""
     if "blocks" in parts:
@@ -141,6 +165,8 @@ def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
             return FusedSequential.from_sequential(child)
     if "fuse" in parts and is_conv_bn_act(child):
         return ConvBNAct2d.from_modules(*child)
+    if "fuse" in parts and _is_timm_batch_norm_act(child):
+        return BatchNormAct2d.from_timm(child)
     if "depthwise" in parts and is_depthwise(child):
         return DepthwiseConv2d.from_conv(child)
     if "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child):
@@ -152,7 +178,7 @@ def _candidate(child: nn.Module, parts: tuple) -> bool:
     """Whether child would match a pattern, ignoring hooks (so a hook can be reported)."""
     return ("blocks" in parts and (_is_torchvision(child, "mobilenetv2", "InvertedResidual")
                                    or is_torchvision_resnet_block(child) or _is_densenet_module(child))) or (  # fmt: skip
-        "fuse" in parts and is_conv_bn_act(child)
+        "fuse" in parts and (is_conv_bn_act(child) or _is_timm_batch_norm_act(child))
     ) or ("blocks" in parts and fusable_runs(child) > 0 and not is_conv_bn_act(child)) or ("depthwise" in parts and is_depthwise(child)) or (
         "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child)
     )
@@ -175,6 +201,8 @@ def _walk(module: nn.Module, path: str, parts: tuple, report: Report, seen: dict
         _stem(module, path, report)
     if "blocks" in parts and _is_torchvision(module, "densenet", "DenseNet"):
         _densenet_head(module, path, report)
+    if "fuse" in parts and not hooked_self(module):
+        _fuse_attributes(module, path, report)
     for name, child in _children(module):
         child_path = f"{path}.{name}" if path else name
         if isinstance(child, torch.jit.ScriptModule):

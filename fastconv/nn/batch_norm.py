@@ -67,6 +67,24 @@ class BatchNormAct2d(nn.BatchNorm2d):
         fused.train(bn.training)
         return fused
 
+    @classmethod
+    def from_timm(cls, bn: nn.BatchNorm2d) -> "BatchNormAct2d":
+        """Wrap timm's BatchNormAct2d (a BatchNorm2d with its own activation and drop), sharing its
+        state: the activation is honoured; a drop layer other than Identity is refused."""
+        from fastconv.nn.attribute_fusion import batch_norm_activation
+
+        usable, activation, why = batch_norm_activation(bn)
+        if not usable or type(bn).__name__ != "BatchNormAct2d":
+            raise ValueError(f"fastconv: bn must be timm's BatchNormAct2d with a supported activation and no drop; "
+                             f"got {type(bn).__name__}: {why or 'not timm BatchNormAct2d'}")  # fmt: skip
+        plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
+        plain.weight, plain.bias = bn.weight, bn.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(plain, name, getattr(bn, name))
+        plain.train(bn.training)
+        act = type(bn.act)() if activation is not None else None
+        return cls.from_modules(plain, act)
+
     def folded_scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) with bn(x) == x * scale + shift under the running statistics.
 

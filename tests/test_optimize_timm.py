@@ -1,0 +1,120 @@
+"""fastconv.optimize on timm's models: MobileNetV2 (mobilenetv2_100), ResNet-50 and, for the
+partial swap (its squeeze-excitation stays), EfficientNet-B0. Their conv -> BatchNorm pairs are
+attributes of timm's blocks (attribute_fusion), fused without a key changing; timm's
+BatchNormAct2d keeps its activation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastconv
+from fastconv.nn import BatchNormAct2d
+from fastconv.nn.attribute_fusion import FoldedBatchNorm2d, FusedConv2d
+from test_optimize import bn_outside_fastconv, randomized
+
+timm = pytest.importorskip("timm")
+
+MODELS = ["mobilenetv2_100", "resnet50", "efficientnet_b0"]
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomized(timm.create_model(name, num_classes=10))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_optimize_matches_timm_in_eval_and_train_with_gradients(name):
+    original = build(name)
+    optimized = fastconv.optimize(original)
+    assert list(optimized.state_dict()) == list(original.state_dict())
+    assert sum(isinstance(m, FusedConv2d) for m in optimized.modules()) > 0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = original.eval()(x)
+        torch.testing.assert_close(optimized.eval()(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # The training step in float64 on the torch backend (the kernels' accuracy is their own tests').
+    original, optimized = original.double().train(), optimized.double().train()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    with fastconv.use_backend("torch"):
+        reference, fused = copy.deepcopy(original), copy.deepcopy(optimized)
+        want, got = reference(x), fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        weights = torch.randn_like(want)
+        (want * weights).sum().backward()
+        (got * weights).sum().backward()
+    grads = dict(fused.named_parameters())
+    scale = max(p.grad.norm().item() for p in reference.parameters() if p.grad is not None)
+    for key, parameter in reference.named_parameters():
+        error = (grads[key].grad - parameter.grad).norm().item()
+        assert error <= 1e-5 * parameter.grad.norm().item() + 1e-9 * scale, f"{key}: {error}"
+    buffers = dict(fused.named_buffers())
+    for key, buffer in reference.named_buffers():  # each BatchNorm's running update, in its own slot
+        torch.testing.assert_close(buffers[key], buffer, rtol=1e-6, atol=1e-9, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet50"])
+def test_no_batchnorm_is_left_outside_a_fastconv_module(name):
+    optimized = fastconv.optimize(build(name))
+    assert bn_outside_fastconv(optimized) == []
+    assert not [m for m in optimized.modules() if type(m).__name__ == "BatchNormAct2d" and
+                type(m).__module__.startswith("timm.")]  # fmt: skip
+
+
+def test_efficientnet_keeps_its_squeeze_excitation_and_reports_it(capsys):
+    optimized = fastconv.optimize(build("efficientnet_b0"), verbose=True)
+    printed = capsys.readouterr().out
+    assert "squeeze-excitation" in printed
+    assert any(type(m).__name__ == "SqueezeExcite" for m in optimized.modules())
+    assert bn_outside_fastconv(optimized) == []
+
+
+def test_idempotent_and_channels_last():
+    optimized = fastconv.optimize(build("mobilenetv2_100"))
+    again = fastconv.optimize(optimized)
+    assert [type(m) for m in again.modules()] == [type(m) for m in optimized.modules()]
+    model = build("mobilenetv2_100").to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fastconv.optimize(model)(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_optimizer_sees_the_same_parameters_inplace():
+    model = build("mobilenetv2_100")
+    parameters = [id(p) for p in model.parameters()]
+    fastconv.optimize(model, inplace=True)
+    assert [id(p) for p in model.parameters()] == parameters
+
+
+def test_timm_batch_norm_act_keeps_its_activation():
+    """The issue's silent wrong answer: BatchNormAct2d.from_modules dropped timm's ReLU6 (off by
+    38). from_timm honours it; from_modules refuses; a real drop layer is refused."""
+    bn = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU6)
+    randomized(bn).eval()
+    x = torch.randn(2, 4, 5, 5) * 20
+    fused = BatchNormAct2d.from_timm(bn)
+    assert fused.activation == "relu6" and fused.weight is bn.weight
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), bn(x))
+    with pytest.raises(ValueError, match=r"not a subclass"):
+        BatchNormAct2d.from_modules(bn)
+    dropping = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=timm.layers.DropBlock2d)
+    with pytest.raises(ValueError, match=r"drop layer \(DropBlock2d\)"):
+        BatchNormAct2d.from_timm(dropping)
+
+
+def test_a_folded_batchnorm_follows_the_model_s_mode_and_device_moves():
+    optimized = fastconv.optimize(build("resnet50"))
+    fused = optimized.conv1
+    assert isinstance(fused, FusedConv2d) and fused.folded_bn is optimized.bn1
+    assert isinstance(optimized.bn1, FoldedBatchNorm2d) and type(optimized.act1) is nn.Identity
+    optimized.eval()
+    assert not fused.folded_bn.training
+    copied = copy.deepcopy(optimized)
+    assert copied.conv1.folded_bn is copied.bn1  # the reference follows the copy
+    half = copy.deepcopy(optimized).double()
+    assert half.conv1.folded_bn.weight.dtype == torch.float64
