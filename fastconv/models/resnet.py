@@ -5,24 +5,26 @@ from __future__ import annotations
 from torch import nn
 
 from fastconv.models._init import torchvision_init
-from fastconv.nn import BatchNormAct2d, ConvBNAct2d, ResNetBlock
+from fastconv.nn import ConvBNAct2d, ResNetBlock
+from fastconv.nn.attribute_fusion import FoldedBatchNorm2d, FusedConv2d
 
 
 class ResNet(nn.Module):
     """torchvision's ResNet with Bottleneck blocks: the same attributes and state_dict keys.
 
-    The stem's BatchNorm and ReLU are one BatchNormAct2d (``bn1``, BatchNorm2d's keys; ``relu``
-    is an Identity with none), each block is a ResNetBlock and each downsample a ConvBNAct2d
-    (``downsample.0.weight``, ``downsample.1.*``). Like fastconv.optimize's ResNet, the stem
-    conv is not fused with its BatchNorm: one module for both would change the keys.
+    The stem runs as one fused conv + BatchNorm + ReLU: ``conv1`` is a FusedConv2d (the conv's
+    keys) that also runs ``bn1``, a FoldedBatchNorm2d (BatchNorm2d's keys, passing its input
+    through), and ``relu`` is an Identity, as fastconv.optimize makes torchvision's. Each block is
+    a ResNetBlock and each downsample a ConvBNAct2d (``downsample.0.weight``, ``downsample.1.*``).
     """
 
     def __init__(self, layers: list[int], num_classes: int = 1000) -> None:
         super().__init__()
         self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = BatchNormAct2d(64, "relu")
-        self.relu = nn.Identity()  # bn1 applies the ReLU
+        bn1 = FoldedBatchNorm2d(64)
+        self.conv1 = FusedConv2d.from_modules(nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn1, "relu")
+        self.bn1 = bn1  # after conv1: torchvision's key order
+        self.relu = nn.Identity()  # conv1 applies bn1 and the ReLU
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = self._make_layer(64, layers[0])
         self.layer2 = self._make_layer(128, layers[1], 2)

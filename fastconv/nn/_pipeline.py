@@ -17,13 +17,12 @@ The parts, in optimize's order:
 
     "blocks"     torchvision InvertedResidual -> fastconv InvertedResidual; torchvision
                  BasicBlock/Bottleneck -> ResNetBlock; torchvision _DenseBlock/_Transition ->
-                 DenseBlock/Transition; a torchvision ResNet's stem bn1 + relu
-                 -> BatchNormAct2d + Identity (the conv stays: see optimize's report); a
-                 torchvision DenseNet's norm5 -> BatchNormAct2d; a
+                 DenseBlock/Transition; a torchvision DenseNet's norm5 -> BatchNormAct2d; a
                  plain nn.Sequential holding Conv2d, BatchNorm2d[, act] runs among other
                  children (VGG's features) -> FusedSequential (the same children and keys)
     "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d; the conv -> BatchNorm
-                 attribute pairs of timm's blocks and models -> FusedConv2d + FoldedBatchNorm2d
+                 attribute pairs of timm's blocks and models, and torchvision ResNet's stem
+                 (conv1, bn1, relu) -> FusedConv2d + FoldedBatchNorm2d (+ Identity)
                  (attribute_fusion.py); any other timm BatchNormAct2d -> BatchNormAct2d
     "depthwise"  a remaining Conv2d with groups == in_channels -> DepthwiseConv2d
     "pointwise"  a remaining plain 1x1 Conv2d -> PointwiseConv2d
@@ -112,21 +111,6 @@ def _is_densenet_module(child: nn.Module) -> bool:
     return any(_is_torchvision(child, "densenet", name) for name in _DENSENET)
 
 
-def _stem(model: nn.Module, path: str, report: Report) -> None:
-    """A torchvision ResNet's stem: bn1 + relu as one BatchNormAct2d. The ResNet's forward runs
-    conv1, bn1, relu in that order and uses self.relu nowhere else, so relu becomes Identity.
-    The conv itself is not fused: conv1 and bn1 are attributes of the model, and one module for
-    both would change the state_dict keys."""
-    bn, relu = getattr(model, "bn1", None), getattr(model, "relu", None)
-    if type(bn) is not nn.BatchNorm2d or type(relu) is not nn.ReLU or hooked(bn) or hooked(relu):
-        return
-    model.bn1 = BatchNormAct2d.from_modules(bn, relu)
-    model.relu = nn.Identity()
-    prefix = f"{path}." if path else ""
-    report.replaced.append((f"{prefix}bn1", "BatchNorm2d + ReLU", "BatchNormAct2d (stem; conv1 left unfused)"))
-    report.replaced.append((f"{prefix}relu", "ReLU", "Identity (its ReLU is in bn1)"))
-
-
 def _densenet_head(model: nn.Module, path: str, report: Report) -> None:
     """A torchvision DenseNet's features.norm5 as a BatchNormAct2d without activation: its ReLU
     is DenseNet.forward's F.relu(..., inplace=True), which must stay there (an in-place ReLU on
@@ -197,8 +181,6 @@ def _walk(module: nn.Module, path: str, parts: tuple, report: Report, seen: dict
     if id(module) in seen:
         return
     seen[id(module)] = (module, None)
-    if "blocks" in parts and _is_torchvision(module, "resnet", "ResNet"):
-        _stem(module, path, report)
     if "blocks" in parts and _is_torchvision(module, "densenet", "DenseNet"):
         _densenet_head(module, path, report)
     if "fuse" in parts and not hooked_self(module):
@@ -261,7 +243,7 @@ def _unhold(path: str) -> str:
 def convert_blocks(model: nn.Module) -> nn.Module:
     """Replace, in place, torchvision's InvertedResidual by fastconv's InvertedResidual and
     torchvision's ResNet BasicBlock/Bottleneck by ResNetBlock (sharing their modules; the same
-    state_dict keys), and fuse a torchvision ResNet's stem BatchNorm and ReLU. Returns the
+    state_dict keys), and torchvision's dense blocks and transitions. Returns the
     model. The block part of `fastconv.optimize`'s pipeline; see this module's docstring."""
     return convert(model, ("blocks",))
 

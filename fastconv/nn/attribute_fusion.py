@@ -1,5 +1,6 @@
 """Conv -> BatchNorm[ -> activation] pairs that are *attributes* of a module with its own
-forward (timm's blocks and models), fused without changing a state_dict key.
+forward (timm's blocks and models, torchvision ResNet's stem), fused without changing a
+state_dict key.
 
 torchvision's units are Sequentials, which a fused Sequential can replace key for key. timm's
 blocks keep their convs and norms as named attributes (``conv_pw``, ``bn1``, ...) and call them
@@ -46,6 +47,8 @@ FUSABLE_ATTRIBUTES = {
     ("timm.layers.conv_bn_act", "ConvNormAct"): (("conv", "bn", None),),
     ("timm.models.efficientnet", "EfficientNet"): (("conv_stem", "bn1", None), ("conv_head", "bn2", None)),
     ("timm.models.resnet", "ResNet"): (("conv1", "bn1", "act1"),),
+    # torchvision's ResNet: its forward runs conv1, bn1, relu, and uses self.relu nowhere else.
+    ("torchvision.models.resnet", "ResNet"): (("conv1", "bn1", "relu"),),
     ("timm.models.resnet", "BasicBlock"): (("conv1", "bn1", None), ("conv2", "bn2", None)),
     ("timm.models.resnet", "Bottleneck"): (("conv1", "bn1", "act1"), ("conv2", "bn2", None), ("conv3", "bn3", None)),
 }
