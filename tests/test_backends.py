@@ -150,3 +150,51 @@ def test_auto_times_an_accumulating_op_on_scratch_copies(monkeypatch):
     with fastconv.use_backend("auto"):
         implementations(torch.device("cuda"), "key", into=into, value=torch.ones(3))
     assert into.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_deterministic_mode_pins_the_triton_configs_and_auto_s_choice(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) every launch of an autotuned Triton kernel
+    takes its first config (two processes could tune differently, and configs round
+    differently), and `auto` takes the fixed backend order instead of timing."""
+    import triton
+
+    import fastconv._timing
+    from fastconv.backends import OpImplementations
+    from fastconv.triton_kernels import _tuning
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTCONV_TRITON_AUTOTUNE", "1")
+    import triton.language as tl
+
+    def noop(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+    kernel = _tuning.autotune(configs=configs, key=["n"])(triton.jit(noop))
+    assert isinstance(kernel, _tuning.PinnedWhenDeterministic)
+    launched = []
+    monkeypatch.setattr(kernel.tuned, "run", lambda *a, **k: launched.append("tuned"))
+    monkeypatch.setattr(kernel.pinned, "run", lambda *a, **k: launched.append("pinned"))
+    assert [c.kwargs["BLOCK"] for c in kernel.pinned.configs] == [16]
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        kernel[(1,)](None, 4)
+        torch.use_deterministic_algorithms(False)
+        kernel[(1,)](None, 4)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert launched == ["pinned", "tuned"]
+
+    implementations = OpImplementations("deterministic test op")
+    for name in ("triton", "torch"):
+        implementations.register(name, lambda name=name, **_: name)
+    monkeypatch.setattr(implementations, "why_not", lambda name, *a, **k: None if implementations.has(name) else "no")
+    monkeypatch.setattr(fastconv._timing, "time_candidates", lambda *a: pytest.fail("timed in deterministic mode"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    try:
+        torch.use_deterministic_algorithms(True)
+        with fastconv.use_backend("auto"):
+            assert implementations(torch.device("cuda"), "key") == "triton"
+    finally:
+        torch.use_deterministic_algorithms(was)

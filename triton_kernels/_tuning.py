@@ -60,6 +60,34 @@ def _spill_pruner(kernel):
     return prune
 
 
+class PinnedWhenDeterministic:
+    """An autotuned kernel that launches its first config whenever
+    torch.use_deterministic_algorithms(True) is on.
+
+    The configs of a kernel sum in different orders (a GEMM's BLOCK_K steps, a reduction's
+    BLOCK_M pixels a step), so two processes that tune a shape differently round differently.
+    PyTorch's deterministic mode promises the same bits run to run and process to process, so
+    there every launch takes the one pinned config (spill-free on sm_90:
+    tests/test_triton_configs.py), as cuDNN gives up its benchmark choice. Otherwise it is the
+    autotuner, whose attributes it exposes."""
+
+    _OWN = ("tuned", "pinned")
+
+    def __init__(self, tuned, pinned) -> None:
+        object.__setattr__(self, "tuned", tuned)
+        object.__setattr__(self, "pinned", pinned)
+
+    def __getitem__(self, grid):
+        chosen = self.pinned if torch.are_deterministic_algorithms_enabled() else self.tuned
+        return chosen[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.tuned, name)
+
+    def __setattr__(self, name, value):  # a test forcing `configs` sets the autotuner's
+        setattr(self.tuned, name, value)
+
+
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
     tuned = configs
     if interpreting() or os.environ.get("FASTCONV_TRITON_AUTOTUNE", "1") == "0":
@@ -71,7 +99,10 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs):
             options.setdefault("prune_configs_by", {"early_config_prune": _spill_pruner(kernel)})
         tuner = triton.autotune(configs=tuned, key=key, **options)(kernel)
         tuner.all_configs = list(configs)  # for the test that forces every config in turn
-        return tuner
+        if len(tuned) == 1:
+            return tuner  # the one config is already the pinned one
+        pinned = triton.autotune(configs=configs[:1], key=key, **kwargs)(kernel)
+        return PinnedWhenDeterministic(tuner, pinned)
 
     return decorate
 
