@@ -1,0 +1,38 @@
+"""torch.compile(dynamic=True, fullgraph=True) of optimised models: one graph serves every
+batch and image size (the fake implementations take symbolic sizes), in eval and in training
+(the BatchNorm running updates included), and matches eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch._dynamo.utils import counters
+
+import fastconv
+
+
+def _models():
+    torch.manual_seed(0)
+    mobilenet = fastconv.optimize(torchvision.models.mobilenet_v2(num_classes=10).features[:5])
+    return {"mobilenet_v2 blocks": (mobilenet, 3), "dense block": (fastconv.nn.DenseBlock(2, 8, 2, 4), 8)}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["mobilenet_v2 blocks", "dense block"])
+def test_one_dynamic_graph_for_every_size(name, train):
+    module, channels = _models()[name]
+    module.train(train)
+    eager = copy.deepcopy(module)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(module, dynamic=True, fullgraph=True, backend="eager")
+    with fastconv.use_backend("torch"):
+        for n, size in ((2, 32), (3, 40), (5, 24)):
+            x = torch.randn(n, channels, size, size)
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for (key, got), want in zip(module.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
