@@ -220,7 +220,8 @@ def run_case(name: str, mode: str, args, device: str, progress=None) -> list[Res
     # The check: fastconv's eval output against eager's on a slice of the batch.
     with torch.no_grad(), _autocast(device, dtype):
         probe = x[:2]
-        want = variants.get("eager", build(name, device, args.channels_last)).eval()(probe).float()
+        eager = variants["eager"] if "eager" in variants else build(name, device, args.channels_last)
+        want = eager.eval()(probe).float()
         err = (variants["fastconv"].eval()(probe).float() - want).abs().max().item()
     results = []
     for variant, model in variants.items():

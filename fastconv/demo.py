@@ -125,8 +125,6 @@ def correctness_demo() -> int:
 def model_demo() -> int:
     """optimize() on torchvision's MobileNetV2 and DenseNet121: what was swapped, the output
     error against the original (eval, fp32, 2x3x64x64), and the counted bytes of one step."""
-    import torchvision  # noqa: F401  (fastconv.bench builds from it)
-
     from fastconv import bench
 
     failures = 0
