@@ -42,7 +42,7 @@ import torch.nn.functional as F
 COPY_BYTES_PER_S = 4.3e12
 MATMUL_FLOPS_PER_S = 790e12
 
-MODELS = ("mobilenet_v2", "resnet50", "densenet121", "vgg16_bn")
+MODELS = ("mobilenet_v2", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn")
 MODES = ("inference", "train")
 COMPARISONS = ("eager", "compile", "max-autotune")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
