@@ -1,7 +1,8 @@
-"""fastconv.optimize on timm's models: MobileNetV2 (mobilenetv2_100), ResNet-50 and, for the
-partial swap (its squeeze-excitation stays), EfficientNet-B0. Their conv -> BatchNorm pairs are
-attributes of timm's blocks (attribute_fusion), fused without a key changing; timm's
-BatchNormAct2d keeps its activation."""
+"""fastconv.optimize on timm's models: MobileNetV2 (mobilenetv2_100), MobileNetV1
+(mobilenetv1_100), ResNet-50, DenseNet-121 and, for the partial swap (its squeeze-excitation
+stays), EfficientNet-B0. timm's blocks become fastconv's fused blocks with timm's keys
+(timm_blocks.py); the conv -> BatchNorm pairs of what stays timm's are fused as attributes
+(attribute_fusion), without a key changing; timm's BatchNormAct2d keeps its activation."""
 
 from __future__ import annotations
 
@@ -12,13 +13,24 @@ import torch
 from torch import nn
 
 import fastconv
-from fastconv.nn import BatchNormAct2d
+from fastconv.nn import BatchNormAct2d, DenseBlock, DepthwiseSeparableConv2d, Transition
 from fastconv.nn.attribute_fusion import FoldedBatchNorm2d, FusedConv2d
+from fastconv.nn.resnet import ResNetBlock
+from fastconv.nn.sequential import run_batchnorms
+from fastconv.nn.timm_blocks import TimmInvertedResidual
 from test_optimize import bn_outside_fastconv, randomized
 
 timm = pytest.importorskip("timm")
 
-MODELS = ["mobilenetv2_100", "resnet50", "efficientnet_b0"]
+MODELS = ["mobilenetv2_100", "mobilenetv1_100", "resnet50", "densenet121", "efficientnet_b0"]
+# What each becomes: timm's blocks as fastconv's fused blocks, EfficientNet's (with SE) pair by pair.
+FUSED_BLOCKS = {
+    "mobilenetv2_100": {TimmInvertedResidual: 16, DepthwiseSeparableConv2d: 1},
+    "mobilenetv1_100": {DepthwiseSeparableConv2d: 13},
+    "resnet50": {ResNetBlock: 16},
+    "densenet121": {DenseBlock: 4, Transition: 3},
+    "efficientnet_b0": {FusedConv2d: 49},
+}
 
 
 def build(name: str) -> nn.Module:
@@ -31,7 +43,8 @@ def test_optimize_matches_timm_in_eval_and_train_with_gradients(name):
     original = build(name)
     optimized = fastconv.optimize(original)
     assert list(optimized.state_dict()) == list(original.state_dict())
-    assert sum(isinstance(m, FusedConv2d) for m in optimized.modules()) > 0
+    for kind, count in FUSED_BLOCKS[name].items():
+        assert sum(type(m) is kind for m in optimized.modules()) == count, kind.__name__
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = original.eval()(x)
@@ -56,12 +69,15 @@ def test_optimize_matches_timm_in_eval_and_train_with_gradients(name):
         torch.testing.assert_close(buffers[key], buffer, rtol=1e-6, atol=1e-9, msg=lambda m: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet50"])
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "mobilenetv1_100", "resnet50", "densenet121"])
 def test_no_batchnorm_is_left_outside_a_fastconv_module(name):
     optimized = fastconv.optimize(build(name))
     assert bn_outside_fastconv(optimized) == []
+    # A timm BatchNormAct2d is left only where a FusedSequential runs it fused (DenseNet's stem
+    # conv0 -> norm0 keeps its keys so): none runs its own forward.
+    fused_runs = set().union(*(run_batchnorms(m) for m in optimized.modules()))
     assert not [m for m in optimized.modules() if type(m).__name__ == "BatchNormAct2d" and
-                type(m).__module__.startswith("timm.")]  # fmt: skip
+                type(m).__module__.startswith("timm.") and id(m) not in fused_runs]  # fmt: skip
 
 
 def test_efficientnet_keeps_its_squeeze_excitation_and_reports_it(capsys):
@@ -118,3 +134,42 @@ def test_a_folded_batchnorm_follows_the_model_s_mode_and_device_moves():
     assert copied.conv1.folded_bn is copied.bn1  # the reference follows the copy
     half = copy.deepcopy(optimized).double()
     assert half.conv1.folded_bn.weight.dtype == torch.float64
+
+
+def test_a_timm_block_fastconv_cannot_honour_is_refused_naming_why():
+    """EfficientNet's blocks have a squeeze-excitation; a ResNet with stochastic depth has a
+    drop path: each keeps timm's forward, with its pairs fused one by one, and says why."""
+    efficientnet = build("efficientnet_b0")
+    with pytest.raises(ValueError, match=r"se \(SqueezeExcite\) has no fused kernel"):
+        TimmInvertedResidual.from_timm(efficientnet.blocks[1][0])
+    with pytest.raises(ValueError, match=r"se \(SqueezeExcite\) has no fused kernel"):
+        DepthwiseSeparableConv2d.from_timm(efficientnet.blocks[0][0])
+    torch.manual_seed(0)
+    deep = timm.create_model("resnet18", num_classes=10, drop_path_rate=0.1)
+    with pytest.raises(ValueError, match=r"drop path"):
+        ResNetBlock.from_timm(deep.layer4[1])  # the rate grows with depth: the first block has none
+    optimized = fastconv.optimize(deep)
+    assert not isinstance(optimized.layer4[1], ResNetBlock)
+    assert any(isinstance(m, FusedConv2d) for m in optimized.modules())
+
+
+def test_timm_blocks_share_parameters_and_keep_their_semantics():
+    model = build("mobilenetv2_100")
+    block = model.blocks[2][1]  # 24 -> 144 -> 24, stride 1: has_skip
+    fused = TimmInvertedResidual.from_timm(block)
+    assert fused.has_skip and fused.activation == "relu6"
+    assert fused.conv_pw.weight is block.conv_pw.weight and fused.bn1.running_mean is block.bn1.running_mean
+    assert list(fused.state_dict()) == list(block.state_dict())
+    first = DepthwiseSeparableConv2d.from_timm(model.blocks[0][0])  # timm's pw_act=False: linear projection
+    assert (first.dw_activation, first.pw_activation, first.skip) == ("relu6", None, False)
+
+
+def test_timm_inverted_residual_on_the_triton_kernel():
+    """The fused kernel (Triton, interpreted on the CPU) on a timm block in eval: 16 -> 96 -> 24,
+    stride 2, odd input size."""
+    block = build("mobilenetv2_100").blocks[1][0].eval()
+    fused = TimmInvertedResidual.from_timm(block)
+    x = torch.randn(2, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), fastconv.use_backend("triton"):
+        want = block(x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -8,8 +8,9 @@ from fastconv.nn.depthwise import DepthwiseConv2d, convert_depthwise
 from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResidual
 from fastconv.nn.pointwise import PointwiseConv2d, convert_pointwise
 from fastconv.nn.resnet import ResNetBlock
+from fastconv.nn.timm_blocks import TimmInvertedResidual
 
 __all__ = [
     "BatchNormAct2d", "ConvBNAct2d", "DenseBlock", "DenseLayer", "DepthwiseConv2d", "DepthwiseSeparableConv2d", "InvertedResidual", "PointwiseConv2d",
-    "ResNetBlock", "SyncBatchNormAct2d", "Transition", "convert_blocks", "convert_conv_bn_act", "convert_depthwise", "convert_pointwise", "convert_sync_batchnorm",
+    "ResNetBlock", "SyncBatchNormAct2d", "TimmInvertedResidual", "Transition", "convert_blocks", "convert_conv_bn_act", "convert_depthwise", "convert_pointwise", "convert_sync_batchnorm",
 ]

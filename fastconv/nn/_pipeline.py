@@ -17,7 +17,9 @@ The parts, in optimize's order:
 
     "blocks"     torchvision InvertedResidual -> fastconv InvertedResidual; torchvision
                  BasicBlock/Bottleneck -> ResNetBlock; torchvision _DenseBlock/_Transition ->
-                 DenseBlock/Transition; a torchvision DenseNet's norm5 -> BatchNormAct2d; a
+                 DenseBlock/Transition; the same timm blocks, and timm's DepthwiseSeparableConv,
+                 where every part has a fused kernel (timm_blocks.py); a torchvision DenseNet's
+                 norm5 -> BatchNormAct2d; a
                  plain nn.Sequential holding Conv2d, BatchNorm2d[, act] runs among other
                  children (VGG's features) -> FusedSequential (the same children and keys)
     "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d; the conv -> BatchNorm
@@ -49,10 +51,11 @@ from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResi
 from fastconv.nn.pointwise import PointwiseConv2d, is_pointwise
 from fastconv.nn.resnet import ResNetBlock, is_torchvision_resnet_block
 from fastconv.nn.sequential import FusedSequential, fusable_runs, run_batchnorms
+from fastconv.nn.timm_blocks import TimmInvertedResidual, convert_timm_block, is_timm_block, timm_block_refusal
 
 PARTS = ("blocks", "fuse", "depthwise", "pointwise")
 FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock, DenseBlock, Transition, FusedConv2d,
-         FoldedBatchNorm2d)
+         FoldedBatchNorm2d, TimmInvertedResidual)
 _DENSENET = {"_DenseBlock": DenseBlock, "_Transition": Transition}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -104,7 +107,16 @@ def _block(child: nn.Module) -> Optional[nn.Module]:
     if _is_densenet_module(child):
         _repair(child, "", Report())  # a conv swapped by convert_pointwise is a plain Conv2d again
         return _DENSENET[type(child).__name__].from_torchvision(child)
+    if _is_fusable_timm_block(child):
+        _repair(child, "", Report())
+        return convert_timm_block(child)
     return None
+
+
+def _is_fusable_timm_block(child: nn.Module) -> bool:
+    """timm's InvertedResidual, DepthwiseSeparableConv, ResNet blocks and DenseNet modules in a
+    configuration the fused modules honour (timm_blocks.py); the others keep their forward."""
+    return is_timm_block(child) and timm_block_refusal(child) is None
 
 
 def _is_densenet_module(child: nn.Module) -> bool:
@@ -161,7 +173,8 @@ def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
 def _candidate(child: nn.Module, parts: tuple) -> bool:
     """Whether child would match a pattern, ignoring hooks (so a hook can be reported)."""
     return ("blocks" in parts and (_is_torchvision(child, "mobilenetv2", "InvertedResidual")
-                                   or is_torchvision_resnet_block(child) or _is_densenet_module(child))) or (  # fmt: skip
+                                   or is_torchvision_resnet_block(child) or _is_densenet_module(child)
+                                   or _is_fusable_timm_block(child))) or (  # fmt: skip
         "fuse" in parts and (is_conv_bn_act(child) or _is_timm_batch_norm_act(child))
     ) or ("blocks" in parts and fusable_runs(child) > 0 and not is_conv_bn_act(child)) or ("depthwise" in parts and is_depthwise(child)) or (
         "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child)
@@ -185,8 +198,14 @@ def _walk(module: nn.Module, path: str, parts: tuple, report: Report, seen: dict
         _densenet_head(module, path, report)
     if "fuse" in parts and not hooked_self(module):
         _fuse_attributes(module, path, report)
+    in_runs = run_batchnorms(module)  # a FusedSequential's own BatchNorms (timm's BatchNormAct2d among them)
     for name, child in _children(module):
         child_path = f"{path}.{name}" if path else name
+        if id(child) in in_runs:
+            continue
+        if "blocks" in parts and is_timm_block(child) and not _is_fusable_timm_block(child):
+            report.skipped.append((child_path, type(child).__name__,
+                                   f"{timm_block_refusal(child)}; its conv -> BatchNorm pairs fused one by one"))  # fmt: skip
         if isinstance(child, torch.jit.ScriptModule):
             report.skipped.append((child_path, type(child).__name__, "TorchScript module: its code is compiled"))
             continue

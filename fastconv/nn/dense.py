@@ -103,22 +103,46 @@ class DenseBlock(nn.ModuleDict):
 
     @classmethod
     def from_torchvision(cls, block: nn.Module) -> "DenseBlock":
-        """The DenseBlock of a torchvision (or timm) ``_DenseBlock``, sharing its parameters and
+        """The DenseBlock of a torchvision ``_DenseBlock``, sharing its parameters and
         buffers. ``memory_efficient`` is honoured by construction: the same function, with
         less memory than its checkpointing. A layer that is not a plain _DenseLayer (other
         children, other kernel sizes, a conv bias) is refused, naming what differs."""
-        layers = list(block.children())
+        return cls._from_layers(list(block.children()), block.training, "DenseBlock.from_torchvision")
+
+    @classmethod
+    def from_timm(cls, block: nn.Module) -> "DenseBlock":
+        """The DenseBlock of a timm ``densenet.DenseBlock``, sharing its parameters and buffers:
+        the same keys. timm's norms are BatchNormAct2d with a ReLU, which is the fused ReLU
+        here; a block with another activation or a drop layer is refused, naming it."""
+        from fastconv.nn.timm_blocks import dense_block_refusal, shared_batch_norm, timm_class
+
+        if timm_class(block) != ("timm.models.densenet", "DenseBlock"):
+            fail(f"DenseBlock.from_timm: block must be timm's densenet.DenseBlock; got {type(block).__name__}")
+        reason = dense_block_refusal(block)
+        if reason:
+            fail(f"DenseBlock.from_timm: block cannot be fused: {reason}")
+        layers = []
+        for layer in block.children():
+            view = nn.Module()  # torchvision's layer shape, holding timm's modules (norms as plain BatchNorm2d)
+            view.norm1, view.conv1 = shared_batch_norm(layer.norm1, "norm1")[0], layer.conv1
+            view.norm2, view.conv2 = shared_batch_norm(layer.norm2, "norm2")[0], layer.conv2
+            view.drop_rate = layer.drop_rate
+            layers.append(view.train(layer.training))
+        return cls._from_layers(layers, block.training, "DenseBlock.from_timm")
+
+    @classmethod
+    def _from_layers(cls, layers: list, training: bool, where: str) -> "DenseBlock":
         if not layers:
-            fail("DenseBlock.from_torchvision: block has no layers")
+            fail(f"{where}: block has no layers")
         first = layers[0]
         fused = cls(len(layers), first.norm1.num_features, first.conv1.out_channels // first.conv2.out_channels,
                     first.conv2.out_channels, getattr(first, "drop_rate", 0.0), device="meta")  # fmt: skip
         for i, (source, target) in enumerate(zip(layers, fused.values())):
-            _check_torchvision_layer(source, target, i)
+            _check_torchvision_layer(source, target, i, where)
             for name in ("norm1", "conv1", "norm2", "conv2"):
                 setattr(target, name, getattr(source, name))  # share, not copy
             target.train(source.training)
-        fused.train(block.training)
+        fused.train(training)
         return fused
 
     def _layers(self) -> list[DenseLayer]:
@@ -195,8 +219,8 @@ class DenseBlock(nn.ModuleDict):
         )
 
 
-def _check_torchvision_layer(source: nn.Module, target: DenseLayer, index: int) -> None:
-    where = f"DenseBlock.from_torchvision: layer {index + 1}"
+def _check_torchvision_layer(source: nn.Module, target: DenseLayer, index: int, where: str) -> None:
+    where = f"{where}: layer {index + 1}"
     names = {name for name, _ in source.named_children()}
     expected = {"norm1", "relu1", "conv1", "norm2", "relu2", "conv2"}
     if not names <= expected or not {"norm1", "conv1", "norm2", "conv2"} <= names:
@@ -250,14 +274,33 @@ class Transition(nn.Sequential):
         if set(children) != set(expected) or any(type(children[n]) is not t for n, t in expected.items()):
             got = {n: type(m).__name__ for n, m in children.items()}
             fail(f"Transition.from_torchvision: transition must be norm/relu/conv/pool as torchvision's; got {got}")
-        conv, pool = children["conv"], children["pool"]
+        return cls._from_parts(children["norm"], children["conv"], children["pool"], transition.training,
+                               "Transition.from_torchvision")  # fmt: skip
+
+    @classmethod
+    def from_timm(cls, transition: nn.Module) -> "Transition":
+        """The Transition of a timm ``densenet.DenseTransition`` (norm, conv, pool; its norm a
+        BatchNormAct2d with a ReLU), sharing its parameters and buffers. An anti-aliased pool
+        (BlurPool2d) is refused."""
+        from fastconv.nn.timm_blocks import shared_batch_norm, timm_class, transition_refusal
+
+        if timm_class(transition) != ("timm.models.densenet", "DenseTransition"):
+            fail(f"Transition.from_timm: transition must be timm's densenet.DenseTransition; got {type(transition).__name__}")
+        reason = transition_refusal(transition)
+        if reason:
+            fail(f"Transition.from_timm: transition cannot be fused: {reason}")
+        norm = shared_batch_norm(transition.norm, "norm")[0]
+        return cls._from_parts(norm, transition.conv, transition.pool, transition.training, "Transition.from_timm")
+
+    @classmethod
+    def _from_parts(cls, norm: nn.BatchNorm2d, conv: nn.Conv2d, pool: nn.AvgPool2d, training: bool, where: str):
         if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.bias is not None:
-            fail(f"Transition.from_torchvision: conv must be a 1x1, stride-1 conv without bias; got {conv}")
+            fail(f"{where}: conv must be a 1x1, stride-1 conv without bias; got {conv}")
         if (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode) not in ((2, 2, 0, False), ((2, 2), (2, 2), 0, False)):
-            fail(f"Transition.from_torchvision: pool must be AvgPool2d(2, 2); got {pool}")
+            fail(f"{where}: pool must be AvgPool2d(2, 2); got {pool}")
         fused = cls(conv.in_channels, conv.out_channels, device="meta")
-        fused.norm, fused.conv = children["norm"], conv
-        fused.train(transition.training)
+        fused.norm, fused.conv = norm, conv
+        fused.train(training)
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

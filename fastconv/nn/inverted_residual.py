@@ -24,7 +24,7 @@ from fastconv._validation import fail
 from fastconv.activations import activation_code
 from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
-from fastconv.nn.conv_bn_act import _ACTIVATION_MODULES, ConvBNAct2d
+from fastconv.nn.conv_bn_act import _ACTIVATION_MODULES, ConvBNAct2d, plain_conv2d
 from fastconv.ops.inverted_residual import depthwise_separable_conv2d, inverted_residual
 
 
@@ -135,11 +135,11 @@ class DepthwiseSeparableConv2d(nn.Module):
     """The MobileNetV1 block: depthwise k x k -> BatchNorm -> act, 1x1 -> BatchNorm -> act, and an
     optional skip; one fused kernel in eval (see the module docstring).
 
-    The children follow timm's ``DepthwiseSeparableConv`` without SE (timm is not a dependency,
-    so these names are checked by hand, not against timm): ``conv_dw`` (Conv2d, groups =
+    The children follow timm's ``DepthwiseSeparableConv`` without SE: ``conv_dw`` (Conv2d, groups =
     in_channels), ``bn1``, ``conv_pw`` (1x1 Conv2d), ``bn2``; state_dict keys ``conv_dw.weight``,
     ``bn1.{weight,bias,running_mean,running_var,num_batches_tracked}``, ``conv_pw.weight``,
-    ``bn2.*``. timm's bn1/bn2 are BatchNormAct2d with BatchNorm2d's keys, so its weights load.
+    ``bn2.*``, as timm's (whose bn1/bn2 are BatchNormAct2d with BatchNorm2d's keys); `from_timm`
+    takes a timm block, tested against timm in test_optimize_timm.
 
     Args:
         in_channels, out_channels, kernel_size (odd), stride, dilation: the depthwise conv's
@@ -174,6 +174,28 @@ class DepthwiseSeparableConv2d(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels, eps, momentum, **factory)
         self.dw_activation, self.pw_activation, self.skip = dw_activation, pw_activation, bool(skip)
         self._dw_cache, self._pw_cache = DerivedTensorCache(), DerivedTensorCache()
+
+    @classmethod
+    def from_timm(cls, block: nn.Module) -> "DepthwiseSeparableConv2d":
+        """The DepthwiseSeparableConv2d of timm's ``DepthwiseSeparableConv`` (no SE, no
+        anti-aliasing, no drop path), sharing its parameters and buffers: bn1's and bn2's
+        activations become dw_activation and pw_activation, ``has_skip`` the skip. A block this
+        kernel cannot honour is refused, naming why (timm_blocks.depthwise_separable_refusal)."""
+        from fastconv.nn.timm_blocks import depthwise_separable_refusal, shared_batch_norm, timm_class
+
+        if timm_class(block) != ("timm.models._efficientnet_blocks", "DepthwiseSeparableConv"):
+            fail(f"block must be timm's DepthwiseSeparableConv; got {type(block).__module__}.{type(block).__name__}")
+        reason = depthwise_separable_refusal(block)
+        if reason:
+            fail(f"DepthwiseSeparableConv2d.from_timm: block cannot be fused: {reason}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.conv_dw, (fused.bn1, fused.dw_activation) = plain_conv2d(block.conv_dw), shared_batch_norm(block.bn1, "bn1")
+        fused.conv_pw, (fused.bn2, fused.pw_activation) = plain_conv2d(block.conv_pw), shared_batch_norm(block.bn2, "bn2")
+        fused.skip = bool(block.has_skip)
+        fused._dw_cache, fused._pw_cache = DerivedTensorCache(), DerivedTensorCache()
+        fused.train(block.training)
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx.symbolically_traced():

@@ -28,6 +28,7 @@ from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
 from fastconv.nn import _conv_bn
 from fastconv.nn.pointwise import is_pointwise
+from fastconv.nn.sequential import FusedSequential, fusable_runs
 from fastconv.ops._common import autocast_inputs
 from fastconv.ops.pointwise import pointwise_conv2d
 
@@ -72,6 +73,8 @@ class ResNetBlock(nn.Module):
         self.relu = relu
         if downsample is not None and is_conv_bn_act(downsample):
             downsample = ConvBNAct2d.from_modules(*downsample)
+        elif downsample is not None and fusable_runs(downsample):
+            downsample = FusedSequential.from_sequential(downsample)  # timm's avg-pool downsample (ResNet-D)
         self.downsample = downsample
         self.stride = stride
         self._caches = [DerivedTensorCache() for _ in units]
@@ -95,6 +98,28 @@ class ResNetBlock(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused._setup(kind, units, block.relu, block.downsample, block.stride)
+        fused.train(block.training)
+        return fused
+
+    @classmethod
+    def from_timm(cls, block: nn.Module) -> "ResNetBlock":
+        """The ResNetBlock of a timm ResNet ``BasicBlock`` or ``Bottleneck``, sharing its modules:
+        the same keys (``conv1.weight``, ``bn1.*``, ..., ``downsample.*``). One with a
+        squeeze-excitation, anti-aliasing, drop block, drop path or a non-ReLU activation is
+        refused, naming it (timm_blocks.resnet_block_refusal)."""
+        from fastconv.nn.timm_blocks import resnet_block_refusal, shared_batch_norm, timm_class
+
+        kind = type(block).__name__
+        if timm_class(block) != ("timm.models.resnet", kind) or kind not in _KINDS:
+            raise ValueError(f"fastconv: block must be a timm BasicBlock or Bottleneck; got {type(block).__name__}")
+        reason = resnet_block_refusal(block)
+        if reason:
+            raise ValueError(f"fastconv: ResNetBlock.from_timm: block cannot be fused: {reason}")
+        units = [(plain_conv2d(getattr(block, f"conv{i}")), shared_batch_norm(getattr(block, f"bn{i}"), f"bn{i}")[0])
+                 for i in range(1, _KINDS[kind] + 1)]  # fmt: skip
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._setup(kind, units, nn.ReLU(inplace=True), block.downsample, block.stride)
         fused.train(block.training)
         return fused
 

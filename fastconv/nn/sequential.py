@@ -1,5 +1,6 @@
 """FusedSequential: an nn.Sequential whose Conv2d -> BatchNorm2d[ -> activation] runs of
-children each run as one fused unit, with the children (and so the state_dict keys) unchanged.
+children (or Conv2d -> timm BatchNormAct2d, its activation included) each run as one fused
+unit, with the children (and so the state_dict keys) unchanged.
 
 VGG's ``features`` (Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU, MaxPool2d, ...) is
 the case: one ConvBNAct2d per run would renumber the keys (``features.0.weight`` would become
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from fastconv.nn import _fx
+from fastconv.nn.attribute_fusion import batch_norm_activation
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import _ACTIVATION_NAMES
 from fastconv.nn.depthwise import DepthwiseConv2d
@@ -32,8 +34,13 @@ def _run_at(children: list, i: int) -> Optional[tuple]:
     if type(conv) not in _CONVS or conv.padding_mode != "zeros" or i + 1 >= len(children):
         return None
     bn = children[i + 1]
-    if type(bn) is not nn.BatchNorm2d or bn.num_features != conv.out_channels:
+    if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
         return None
+    if type(bn) is not nn.BatchNorm2d:
+        # timm's BatchNormAct2d (DenseNet's stem: conv0, norm0, pool0): its own activation, fused.
+        usable, activation, _ = batch_norm_activation(bn)
+        return (conv, bn, activation, 2) if usable and type(bn).__name__ == "BatchNormAct2d" and \
+            type(bn).__module__.startswith("timm.") else None  # fmt: skip
     if i + 2 < len(children) and (type(children[i + 2]) in _ACTIVATION_NAMES or type(children[i + 2]) is nn.Identity):
         return conv, bn, _ACTIVATION_NAMES.get(type(children[i + 2])), 3
     return conv, bn, None, 2
