@@ -7,7 +7,8 @@
     python -m fastconv bench --traffic        bytes moved, counted (any machine, the CPU too)
 
 For each model and mode it times fastconv.optimize(model) and each baseline (the same
-torchvision model with the same random weights and BatchNorm statistics), checks that
+torchvision model with the same random weights and BatchNorm statistics; for mobilenet_v1,
+fastconv.models.mobilenet_v1 against the same network in plain layers), checks that
 fastconv's output matches eager's, and prints a table: ms per step, images/s, peak memory,
 fastconv's speedup over each, and % of the floor, max(FLOPs at 790 TFLOP/s, the optimised
 model's counted bytes at 4.3 TB/s), the H200 figures of benchmarks/FLOORS.md. It writes
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 COPY_BYTES_PER_S = 4.3e12
 MATMUL_FLOPS_PER_S = 790e12
 
-MODELS = ("mobilenet_v2", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn")
+MODELS = ("mobilenet_v2", "mobilenet_v1", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn")
 MODES = ("inference", "train")
 COMPARISONS = ("eager", "compile", "max-autotune")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -70,11 +71,17 @@ class Result:
 
 
 def build(name: str, device, channels_last: bool) -> torch.nn.Module:
-    """torchvision's model, random weights and random BatchNorm statistics (no download)."""
+    """The eager model: torchvision's (fastconv's plain-layer MobileNetV1 for mobilenet_v1, which
+    torchvision lacks), random weights and random BatchNorm statistics (no download)."""
     import torchvision
 
+    import fastconv.models
+
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
+    if name == "mobilenet_v1":
+        model = fastconv.models.mobilenet_v1_eager()
+    else:
+        model = getattr(torchvision.models, name)(weights=None)
     with torch.no_grad():
         for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_mean.normal_(0, 0.2)
@@ -83,6 +90,21 @@ def build(name: str, device, channels_last: bool) -> torch.nn.Module:
             bn.bias.normal_(0, 0.2)
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def optimised(name: str, eager: torch.nn.Module) -> torch.nn.Module:
+    """fastconv's model for eager: fastconv.optimize(eager), or for mobilenet_v1 (not a torchvision
+    model optimize knows) fastconv.models.mobilenet_v1 with eager's weights."""
+    import fastconv
+
+    if name != "mobilenet_v1":
+        return fastconv.optimize(eager)
+    weight = next(eager.parameters())
+    model = fastconv.models.mobilenet_v1().to(weight.device)
+    model.load_state_dict(eager.state_dict())
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _short(exc: BaseException) -> str:
@@ -190,10 +212,8 @@ def counted(model, batch: int, size: int, mode: str, dtype, channels_last: bool)
 
 
 def _variants(name: str, args, device: str) -> dict:
-    import fastconv
-
     eager = build(name, device, args.channels_last)
-    variants = {"fastconv": fastconv.optimize(eager)}
+    variants = {"fastconv": optimised(name, eager)}
     for comparison in args.compare:
         if comparison == "eager":
             variants["eager"] = eager
@@ -294,13 +314,11 @@ def plot(results: list[Result], path: str) -> Optional[str]:
 def traffic(name: str, mode: str, args) -> dict:
     """The bytes one step of the eager model's aten ops and of the optimised model's ops read
     and write (each op's inputs once, its outputs once), counted on meta tensors."""
-    import fastconv
-
     dtype = DTYPES[args.dtype]
     eager = build(name, "cpu", args.channels_last)
-    optimised = fastconv.optimize(eager)
+    fused = optimised(name, eager)
     eager_bytes, flops = counted(eager, args.batch, args.size, mode, dtype, args.channels_last)
-    ours_bytes, _ = counted(optimised, args.batch, args.size, mode, dtype, args.channels_last)
+    ours_bytes, _ = counted(fused, args.batch, args.size, mode, dtype, args.channels_last)
     return dict(model=name, mode=mode, batch=args.batch, size=args.size, dtype=args.dtype, eager_bytes=eager_bytes,
                 fastconv_bytes=ours_bytes, ratio=eager_bytes / ours_bytes, flops=flops,
                 byte_floor_ms=ours_bytes / COPY_BYTES_PER_S * 1e3)  # fmt: skip

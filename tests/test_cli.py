@@ -55,8 +55,9 @@ def test_traffic_of_a_model(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's harness check")
-def test_a_tiny_timed_run_writes_its_table_json_and_plot(tmp_path, capsys):
-    args = ["--model", "mobilenet_v2", "--batch", "1", "--size", "32", "--compare", "eager", "--steps", "1",
+@pytest.mark.parametrize("model", ["mobilenet_v2", "mobilenet_v1"])
+def test_a_tiny_timed_run_writes_its_table_json_and_plot(tmp_path, capsys, model):
+    args = ["--model", model, "--batch", "1", "--size", "32", "--compare", "eager", "--steps", "1",
             "--out", str(tmp_path)]  # fmt: skip
     assert bench.main(args) == 0
     printed = capsys.readouterr().out
@@ -68,12 +69,24 @@ def test_a_tiny_timed_run_writes_its_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+def test_mobilenet_v1_is_fastconv_s_model_against_the_same_network_in_plain_layers():
+    eager = bench.build("mobilenet_v1", "cpu", channels_last=True)
+    fused = bench.optimised("mobilenet_v1", eager)
+    assert type(fused) is fastconv.models.MobileNetV1 and fused.features[1].conv_dw.weight.is_contiguous(
+        memory_format=torch.channels_last)  # fmt: skip
+    assert not any(isinstance(m, fastconv.nn.DepthwiseSeparableConv2d) for m in eager.modules())
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = eager.eval()(x)
+        torch.testing.assert_close(fused.eval()(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_bad_arguments():
     with pytest.raises(SystemExit) as exit:
         bench.main(["--compare", "eager,tensorrt"])
     assert exit.value.code == 2
     with pytest.raises(SystemExit):
-        bench.main(["--model", "alexnet"])
+        bench.main(["--model", "lenet5"])
     with pytest.raises(SystemExit):
         bench.main(["--batch", "0"])
     assert entry.main([]) == 2

@@ -60,15 +60,21 @@ class MobileNetV1(nn.Module):
     MobileNet rounding (the paper's width multiplier α).
     """
 
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0) -> None:
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0, *,
+                 eager: bool = False) -> None:  # fmt: skip
         super().__init__()
         if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
             raise ValueError(f"fastconv: width_mult must be a number > 0; got {width_mult!r}")
         channels = _make_divisible(32 * width_mult)
-        features: list[nn.Module] = [ConvBNAct2d(3, channels, 3, 2, activation="relu")]
+        if eager:
+            features: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, channels, 3, 2, 1, bias=False), nn.BatchNorm2d(channels),
+                                                       nn.ReLU(inplace=True))]  # fmt: skip
+        else:
+            features = [ConvBNAct2d(3, channels, 3, 2, activation="relu")]
         for c, s in _V1_SETTING:
             out = _make_divisible(c * width_mult)
-            features.append(DepthwiseSeparableConv2d(channels, out, 3, s, dw_activation="relu", pw_activation="relu"))
+            block = _EagerSeparable if eager else DepthwiseSeparableConv2d
+            features.append(block(channels, out, 3, s, dw_activation="relu", pw_activation="relu"))
             channels = out
         self.features = nn.Sequential(*features)
         self.dropout = nn.Dropout(dropout)
@@ -80,6 +86,30 @@ class MobileNetV1(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+class _EagerSeparable(nn.Module):
+    """A MobileNetV1 block in plain PyTorch layers (cuDNN's convs), with DepthwiseSeparableConv2d's
+    children and keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, *, dw_activation: str,
+                 pw_activation: str) -> None:  # fmt: skip
+        super().__init__()
+        self.conv_dw = nn.Conv2d(in_channels, in_channels, kernel_size, stride, kernel_size // 2, groups=in_channels,
+                                 bias=False)  # fmt: skip
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv_pw = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        assert dw_activation == pw_activation == "relu"  # MobileNetV1's
+
+    def forward(self, x):
+        return nn.functional.relu(self.bn2(self.conv_pw(nn.functional.relu(self.bn1(self.conv_dw(x))))))
+
+
 def mobilenet_v1(width_mult: float = 1.0, *, num_classes: int = 1000, dropout: float = 0.0) -> MobileNetV1:
     """MobileNetV1 at the given width multiplier; see MobileNetV1 for its state_dict keys."""
     return MobileNetV1(num_classes, width_mult, dropout)
+
+
+def mobilenet_v1_eager(width_mult: float = 1.0, *, num_classes: int = 1000, dropout: float = 0.0) -> MobileNetV1:
+    """MobileNetV1 in plain PyTorch layers with mobilenet_v1's keys: the eager (cuDNN) model
+    `python -m fastconv bench --model mobilenet_v1` compares against, since torchvision has none."""
+    return MobileNetV1(num_classes, width_mult, dropout, eager=True)
