@@ -12,6 +12,7 @@ from fastconv.ops import (
     depthwise_conv2d,
     depthwise_separable_conv2d,
     inverted_residual,
+    inverted_residual_train,
     pointwise_conv2d,
 )
 from fastconv.optimize import optimize  # the function: fastconv.optimize(model)
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backends", "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "get_backend",
-    "inverted_residual", "models", "nn", "optimize", "pointwise_conv2d", "reference", "set_backend",
+    "inverted_residual", "inverted_residual_train", "models", "nn", "optimize", "pointwise_conv2d", "reference", "set_backend",
     "use_backend",
 ]

@@ -39,3 +39,39 @@ def test_inverted_residual_sanitizer_subset(block, dtype):
     c_in, c_hid, c_out, hw, stride, use_residual = block
     t = make(c_in, c_hid, c_out, hw, n=2, dtype=dtype, expand=c_hid != c_in)
     check("triton", t, lowp=True, stride=stride, use_residual=use_residual)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("block", [MOBILENET_V2_BLOCKS[i] for i in (0, 2, 3, 10)], ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-s{b[4]}")
+def test_inverted_residual_training_sanitizer_subset(block, dtype):
+    """The fused training op (statistics pass, fused kernel, recomputing backward) in half
+    precision: output and input gradient within twice torchvision's own error against float64
+    (SiLU: no kink for a rounding to land on)."""
+    import copy
+
+    from torch import nn
+    from torchvision.models.mobilenetv2 import InvertedResidual as TorchvisionBlock
+
+    import fastconv
+    from harness import assert_matches_reference, random_tensor
+    from test_inverted_residual_module import randomise_batch_norms
+
+    c_in, c_hid, c_out, hw, stride, _ = block
+    reference = TorchvisionBlock(c_in, c_out, stride, c_hid // c_in, norm_layer=nn.BatchNorm2d)
+    for unit in reference.conv[:-2]:
+        unit[2] = nn.SiLU()
+    reference = randomise_batch_norms(reference).cuda().train()
+    fused = fastconv.nn.InvertedResidual.from_torchvision(copy.deepcopy(reference)).to(dtype)
+    x = random_tensor((4, c_in, hw, hw), dtype, "channels_last").requires_grad_()
+
+    def run(module, inputs, backend="auto"):
+        with fastconv.use_backend(backend):
+            y = module(inputs)
+            return y, torch.autograd.grad(y, inputs, grad_y.to(y.dtype))[0]
+
+    grad_y = random_tensor((4, c_out, (hw - 1) // stride + 1, (hw - 1) // stride + 1), torch.float32, "channels_last")
+    y, grad_x = run(fused, x, "triton")
+    want, want_x = run(copy.deepcopy(reference).double(), x.detach().double().requires_grad_())
+    yard, yard_x = run(copy.deepcopy(reference).to(dtype), x.detach().clone().requires_grad_())
+    assert_matches_reference("y", y, want, yard, terms=c_hid)
+    assert_matches_reference("grad x", grad_x, want_x, yard_x, terms=4 * hw * hw)

@@ -4,7 +4,8 @@ fastconv.nn.DepthwiseSeparableConv2d against the same modules run by eager PyTor
 Eval: every distinct block of torchvision's mobilenet_v2 (features[1:18]) with random
 BatchNorm statistics and affine parameters, on 7x7 images (the interpreter's cost grows with
 the hidden width: the two 960-wide blocks take most of this file's time). Training: outputs,
-every parameter's gradient and the input's, running statistics, num_batches_tracked, in float64.
+every parameter's gradient and the input's, running statistics, num_batches_tracked, in float64,
+on the fused training op and on the unfused fallback.
 """
 
 from __future__ import annotations
@@ -153,14 +154,18 @@ def train_and_compare(backend, fused, reference, in_channels, steps=("channels_l
         assert_same_state(fused, reference)
 
 
+@pytest.mark.parametrize("fused_training", [True, False], ids=["fused-training", "unfused-training"])
 @pytest.mark.parametrize("config", [(8, 8, 1, 1), (4, 4, 1, 6), (4, 6, 2, 6)], ids=["t1", "t6-residual", "t6-s2"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_matches_torchvision(backend, config):
+def test_training_matches_torchvision(backend, config, fused_training):
     """Two steps in float64 on 5x5 images (momentum 0.1, then the cumulative average; the
-    unfused training ops cost interpreter time per program): batch statistics,
-    running statistics, num_batches_tracked, and every gradient, equal to torchvision's."""
+    training ops cost interpreter time per program): batch statistics, running statistics,
+    num_batches_tracked, and every gradient, equal to torchvision's, on the fused training op
+    (fastconv::inverted_residual_train; its triton forward takes no float64, so that one is
+    tests/test_inverted_residual_train.py's, in float32) and on the unfused fallback."""
     block = torchvision_block(config, torch.float64)
     fused = InvertedResidual.from_torchvision(copy.deepcopy(block))
+    fused.fused_training = fused_training
     train_and_compare(backend, fused, block, config[0], steps=("channels_last",))
     for bn in (m for m in block.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.momentum = None
@@ -258,14 +263,16 @@ def test_mobilenet_v1_blocks_in_eval(backend, case):
     assert_matches_reference("y", y, expected, terms=c_in)
 
 
+@pytest.mark.parametrize("fused_training", [True, False], ids=["fused-training", "unfused-training"])
 @pytest.mark.parametrize("case", ["64-128-s2", "48-48-s1-skip-linear"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mobilenet_v1_training_matches_eager(backend, case):
+def test_mobilenet_v1_training_matches_eager(backend, case, fused_training):
     c_in, c_out, k, stride, dw_act, pw_act, skip = MOBILENET_V1[case]
-    c_in, c_out = c_in // 8, c_out // 8  # float64 training runs unfused: small widths suffice
+    c_in, c_out = c_in // 8, c_out // 8  # small widths suffice
     block = DepthwiseSeparableConv2d(c_in, c_out, k, stride, dw_activation=dw_act, pw_activation=pw_act, skip=skip)
     block = randomise_batch_norms(block).to(DEVICE, torch.float64)
     fused = copy.deepcopy(block)
+    fused.fused_training = fused_training
     train_and_compare(backend, fused, eager_separable(block), c_in, steps=("channels_last", "nchw"))
 
 

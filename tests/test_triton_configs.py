@@ -166,6 +166,17 @@ def case_inverted_residual(dtype, expand, stride, residual):
                 (3, 3), stride, (1, 1), 1, 1 if expand else 0, 1, 0, _t((2, c_out, ho, ho), dtype) if residual else None)
 
 
+def case_hidden_statistics(dtype, expand, stride):
+    """The training forward's statistics pass over the depthwise output (no projection)."""
+    from fastconv.triton_kernels.inverted_residual import hidden_statistics
+
+    c_in, hidden, size = 24, 144 if expand else 24, 56
+    ho = (size + 2 - 3) // stride + 1
+    hidden_statistics(_t((2, c_in, size, size), dtype), _t((hidden, c_in), dtype) if expand else None,
+                      _vec(hidden) if expand else None, _t((hidden, 9), dtype), (3, 3), stride, (1, 1), (ho, ho), 1,
+                      2 if expand else 0)  # fmt: skip
+
+
 CL, NCHW = "channels_last", "nchw"
 CASES = {
     # bn_act: rows (channels innermost) and planes kernels, forward and backward.
@@ -210,6 +221,10 @@ CASES = {
     "inverted_residual fp16 s1 residual": (case_inverted_residual, ("float16", True, 1, True)),
     "inverted_residual fp32 s2": (case_inverted_residual, ("float32", True, 2, False)),
     "inverted_residual bf16 no expand": (case_inverted_residual, ("bfloat16", False, 1, False)),
+    # Its training forward's statistics pass (expansion and depthwise, reduced per channel).
+    "inverted_residual stats fp16 s1": (case_hidden_statistics, ("float16", True, 1)),
+    "inverted_residual stats fp32 s2": (case_hidden_statistics, ("float32", True, 2)),
+    "inverted_residual stats bf16 no expand": (case_hidden_statistics, ("bfloat16", False, 1)),
 }
 
 

@@ -1,5 +1,7 @@
 """The MobileNetV2 inverted residual and the depthwise-separable (MobileNetV1) block as one
-Triton kernel each call, inference only: the expanded tensor never reaches memory.
+Triton kernel each call: the expanded tensor never reaches memory. `fused_block` is the
+inference kernel (and the training forward's last pass, fastconv/ops/inverted_residual_train.py);
+`hidden_statistics` is the training forward's statistics pass over the depthwise output.
 
     e = act_e(x @ We^T + b_e)            1x1 expansion, C_in -> C_hid       (absent: e = x)
     d = act_d(dwKxK(e, Wd) + b_d)        depthwise k x k, stride s, C_hid
@@ -57,6 +59,7 @@ import triton.language as tl
 
 from fastconv._geometry import channels_innermost, output_size
 from fastconv.triton_kernels._indexing import needs_64bit_index
+from fastconv.triton_kernels._statistics import merge_partitions, tile_moments
 from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
 
@@ -97,6 +100,48 @@ def _bias(ptr, index, mask, HAS: tl.constexpr, BLOCK: tl.constexpr):
     return bias
 
 
+@triton.jit
+def _depthwise_of_expansion(
+    x_ptr, we_ptr, be_ptr, wd_ptr, hs, h_mask, x_pixel, ih0, iw0, p_mask, H, W, C_IN, x_sc, x_sh, x_sw,
+    we_sh, we_sk, wd_sh, wd_st,
+    KH: tl.constexpr, KW: tl.constexpr, DILATION: tl.constexpr, HAS_EXPAND: tl.constexpr, HAS_BE: tl.constexpr,
+    ACT_E: tl.constexpr, TF32: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dw(act_e(x @ We^T + b_e)) for BLOCK_P output pixels and the hidden channels hs, in fp32,
+    before the depthwise's bias and activation (see Tiling in the module docstring)."""
+    dot_dtype = x_ptr.dtype.element_ty
+    b_e = _bias(be_ptr, hs, h_mask, HAS_BE, BLOCK_H)[None, :]
+    d = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+    # A run-time loop over taps: 3x3 and 5x5 alike compile to one body (an unrolled 5x5 of
+    # nested GEMM loops would take LLVM minutes), and the per-tap index math is a few
+    # integer ops against a [BLOCK_P, C_in] x [C_in, BLOCK_H] GEMM.
+    for tap in range(KH * KW):
+        ih = ih0 + (tap // KW) * DILATION
+        iw = iw0 + (tap % KW) * DILATION
+        inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        rows = x_pixel + ih * x_sh + iw * x_sw
+        if HAS_EXPAND:
+            e = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+            for k0 in range(0, C_IN, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < C_IN
+                a = tl.load(x_ptr + rows[:, None] + (ks * x_sc)[None, :],
+                            mask=inside[:, None] & k_mask[None, :], other=0.0)
+                # Masked k rows of the weight are zero, so masked lanes of a add nothing.
+                b = tl.load(we_ptr + (ks * we_sk)[:, None] + (hs * we_sh)[None, :],
+                            mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+                e = _dot(a, b.to(dot_dtype), e, TF32)
+            e = apply_activation(e + b_e, ACT_E)
+            # The zero padding is the expanded tensor's: act_e(b_e) must not leak in.
+            e = tl.where(inside[:, None], e, 0.0)
+        else:
+            e = tl.load(x_ptr + rows[:, None] + (hs * x_sc)[None, :],
+                        mask=inside[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
+        w_tap = tl.load(wd_ptr + hs * wd_sh + tap * wd_st, mask=h_mask, other=0.0).to(tl.float32)
+        d += e * w_tap[None, :]
+    return d
+
+
 @autotune(
     configs=_CONFIGS,
     key=["P", "C_IN", "C_HID", "C_OUT", "KH", "KW", "STRIDE", "DILATION", "HAS_EXPAND", "HAS_RESIDUAL", "TF32"],
@@ -133,41 +178,15 @@ def _fused_block(
     co_mask = cos < C_OUT
     ih0 = oh * STRIDE - pad_top
     iw0 = ow * STRIDE - pad_left
-    x_pixel = n * x_sn
 
     acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
     for h0 in range(0, C_HID, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_mask = hs < C_HID
-        b_e = _bias(be_ptr, hs, h_mask, HAS_BE, BLOCK_H)[None, :]
-        d = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-        # A run-time loop over taps: 3x3 and 5x5 alike compile to one body (an unrolled 5x5 of
-        # nested GEMM loops would take LLVM minutes), and the per-tap index math is a few
-        # integer ops against a [BLOCK_P, C_in] x [C_in, BLOCK_H] GEMM.
-        for tap in range(KH * KW):
-            ih = ih0 + (tap // KW) * DILATION
-            iw = iw0 + (tap % KW) * DILATION
-            inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            rows = x_pixel + ih * x_sh + iw * x_sw
-            if HAS_EXPAND:
-                e = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
-                for k0 in range(0, C_IN, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_mask = ks < C_IN
-                    a = tl.load(x_ptr + rows[:, None] + (ks * x_sc)[None, :],
-                                mask=inside[:, None] & k_mask[None, :], other=0.0)
-                    # Masked k rows of the weight are zero, so masked lanes of a add nothing.
-                    b = tl.load(we_ptr + (ks * we_sk)[:, None] + (hs * we_sh)[None, :],
-                                mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-                    e = _dot(a, b.to(dot_dtype), e, TF32)
-                e = apply_activation(e + b_e, ACT_E)
-                # The zero padding is the expanded tensor's: act_e(b_e) must not leak in.
-                e = tl.where(inside[:, None], e, 0.0)
-            else:
-                e = tl.load(x_ptr + rows[:, None] + (hs * x_sc)[None, :],
-                            mask=inside[:, None] & h_mask[None, :], other=0.0).to(tl.float32)
-            w_tap = tl.load(wd_ptr + hs * wd_sh + tap * wd_st, mask=h_mask, other=0.0).to(tl.float32)
-            d += e * w_tap[None, :]
+        d = _depthwise_of_expansion(
+            x_ptr, we_ptr, be_ptr, wd_ptr, hs, h_mask, n * x_sn, ih0, iw0, p_mask, H, W, C_IN, x_sc, x_sh, x_sw,
+            we_sh, we_sk, wd_sh, wd_st, KH, KW, DILATION, HAS_EXPAND, HAS_BE, ACT_E, TF32, BLOCK_P, BLOCK_H, BLOCK_K,
+        )  # fmt: skip
         d = apply_activation(d + _bias(bd_ptr, hs, h_mask, HAS_BD, BLOCK_H)[None, :], ACT_D)
         # Masked hidden rows of the projection weight are zero: d's masked columns add nothing.
         wp = tl.load(wp_ptr + (hs * wp_sh)[:, None] + (cos * wp_so)[None, :],
@@ -253,6 +272,106 @@ def fused_block(
         **flags,
     )  # fmt: skip
     return out
+
+
+_STATS_CONFIGS = interpreter_first(
+    triton.Config({"BLOCK_P": 128, "BLOCK_H": 128, "BLOCK_K": 128}, num_warps=4),
+    [
+        # The forward kernel's expansion and depthwise tiles without the projection's
+        # accumulator. ptxas (sm_90, Triton 3.8, offline), fp16 / fp32 registers, no spills:
+        triton.Config({"BLOCK_P": 64, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1),  # 127 / 156
+        triton.Config({"BLOCK_P": 128, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=8, num_stages=1),  # 250 / 232
+        triton.Config({"BLOCK_P": 64, "BLOCK_H": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1),  # 198 / 194
+    ],
+)
+
+
+@autotune(configs=_STATS_CONFIGS, key=["P", "C_IN", "C_HID", "KH", "KW", "STRIDE", "DILATION", "HAS_EXPAND", "TF32"])
+@triton.jit
+def _hidden_stats(
+    x_ptr, we_ptr, be_ptr, wd_ptr, mean_ptr, m2_ptr,  # mean/M2: [programs, C_hid] partials
+    P, H, W, HO, WO, C_IN, C_HID,
+    pad_top, pad_left,
+    x_sn, x_sc, x_sh, x_sw,
+    we_sh, we_sk,
+    wd_sh, wd_st,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, DILATION: tl.constexpr,
+    HAS_EXPAND: tl.constexpr, HAS_BE: tl.constexpr, ACT_E: tl.constexpr, TF32: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The training forward's statistics pass: per program, the count, mean and M2 over its
+    BLOCK_P output pixels of the depthwise output d = dw(act_e(x @ We^T + b_e)) (before its
+    BatchNorm), every hidden channel; d itself is never stored. The host merges the rows."""
+    pid_p = tl.program_id(0)
+    if INDEX_64:
+        pid_p = pid_p.to(tl.int64)
+    pixels = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = pixels < P
+    ow = pixels % WO
+    rest = pixels // WO
+    oh = rest % HO
+    n = rest // HO
+    count = tl.minimum(P - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
+    for h0 in range(0, C_HID, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < C_HID
+        d = _depthwise_of_expansion(
+            x_ptr, we_ptr, be_ptr, wd_ptr, hs, h_mask, n * x_sn, oh * STRIDE - pad_top, ow * STRIDE - pad_left, p_mask,
+            H, W, C_IN, x_sc, x_sh, x_sw, we_sh, we_sk, wd_sh, wd_st, KH, KW, DILATION, HAS_EXPAND, HAS_BE, ACT_E,
+            TF32, BLOCK_P, BLOCK_H, BLOCK_K,
+        )  # fmt: skip
+        # Pixels past P gathered nothing (every tap masked): d is exactly 0 there.
+        mean, m2 = tile_moments(d, p_mask[:, None], count, 0)
+        tl.store(mean_ptr + pid_p * C_HID + hs, mean, mask=h_mask)
+        tl.store(m2_ptr + pid_p * C_HID + hs, m2, mask=h_mask)
+
+
+def hidden_statistics(
+    x: torch.Tensor,
+    expand_weight: Optional[torch.Tensor],
+    expand_bias: Optional[torch.Tensor],
+    dw_weight: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: int,
+    padding: tuple[int, int],
+    out_size: tuple[int, int],
+    dilation: int = 1,
+    expand_activation: int = 0,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) in float32 per hidden channel of dw(act_e(x @ We^T + b_e)) over
+    (N, Ho, Wo), the depthwise output before its BatchNorm: what the training forward needs to
+    normalise it, without it ever being stored. Arguments as `fused_block`'s."""
+    N, C_in, H, W = x.shape
+    C_hid = dw_weight.shape[0]
+    HO, WO = out_size
+    kh, kw = kernel_size
+    P = N * HO * WO
+    if not channels_innermost(x) and C_in > 1:
+        x = x.contiguous(memory_format=torch.channels_last)
+    we = expand_weight if expand_weight is not None else x
+    tiles = triton.cdiv(P, min(config.kwargs["BLOCK_P"] for config in _hidden_stats.configs))
+    partial_mean = torch.empty(tiles, C_hid, dtype=torch.float64, device=x.device)  # see tile_moments
+    partial_m2 = torch.empty(tiles, C_hid, dtype=torch.float32, device=x.device)
+    chosen = {}
+
+    def grid(meta):
+        chosen["BLOCK_P"] = meta["BLOCK_P"]  # the autotuner's last call is the real launch
+        return (triton.cdiv(P, meta["BLOCK_P"]),)
+
+    _hidden_stats[grid](
+        x, we, expand_bias if expand_bias is not None else x, dw_weight, partial_mean, partial_m2,
+        P, H, W, HO, WO, C_in, C_hid, padding[0], padding[1], *x.stride(),
+        we.stride(0) if expand_weight is not None else 0, we.stride(1) if expand_weight is not None else 0,
+        dw_weight.stride(0), dw_weight.stride(1),
+        KH=kh, KW=kw, STRIDE=int(stride), DILATION=int(dilation), HAS_EXPAND=expand_weight is not None,
+        HAS_BE=expand_bias is not None, ACT_E=int(expand_activation), TF32=bool(allow_tf32) and x.dtype == torch.float32,
+        INDEX_64=needs_64bit_index([x], _INDEX_HEADROOM),
+    )  # fmt: skip
+    block = chosen["BLOCK_P"]
+    used = triton.cdiv(P, block)
+    counts = torch.arange(used, device=x.device, dtype=torch.float64).mul_(-block).add_(P).clamp_(max=block)[:, None]
+    return merge_partitions(counts, partial_mean[:used], partial_m2[:used], P, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,11 +6,15 @@ one fused kernel in eval, exact BatchNorm training through fastconv's unfused op
   (`DerivedTensorCache`, as ConvBNAct2d), and the block runs as one `fastconv::inverted_residual`
   call: the expanded tensor never reaches memory. The depthwise-separable block is the same op
   and kernel without the expansion.
-* **train** (or any BatchNorm in training mode, or without running statistics): each conv +
-  BatchNorm runs as ConvBNAct2d's training path does, through fastconv's unfused ops
-  (`conv2d_batch_stats` then `batch_norm_act`): batch statistics, running-stat updates with
-  momentum or the cumulative average, num_batches_tracked, gradients equal to torchvision's.
-  The fused training forward and backward are not written yet.
+* **train** (every BatchNorm with batch statistics): one `fastconv::inverted_residual_train`
+  call (fastconv/nn/_block_training.py), which never stores the expanded tensor in the
+  forward and keeps only x, the pre-BatchNorm projection and the statistics for a backward
+  that recomputes the block's hidden tensors: about 1/t of the unfused chain's activation
+  memory. Batch statistics, running-stat updates with momentum or the cumulative average,
+  num_batches_tracked, gradients equal to torchvision's.
+* **the unfused training path** (``fused_training = False``, BatchNorms in mixed modes, a
+  child of another kind): each conv + BatchNorm as ConvBNAct2d's training path, on fastconv's
+  per-conv ops (`conv2d_batch_stats` then `batch_norm_act`); exact too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from fastconv._validation import fail
 from fastconv.activations import activation_code
 from fastconv.nn import _conv_bn, _fx
+from fastconv.nn._block_training import fused_block_train, fused_training_applies
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import _ACTIVATION_MODULES, ConvBNAct2d, plain_conv2d
 from fastconv.ops.inverted_residual import depthwise_separable_conv2d, inverted_residual
@@ -47,6 +52,7 @@ class InvertedResidual(nn.Module):
     """
 
     __prepare_scriptable__ = _fx.refuse_torchscript
+    fused_training = True  # False: the unfused training path (see the module docstring)
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: float, activation: Optional[str] = "relu6",
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:  # fmt: skip
@@ -113,6 +119,11 @@ class InvertedResidual(nn.Module):
         if _fx.symbolically_traced():
             return _fx.opaque_call(self, x)  # one node of an fx graph (see fastconv/nn/_fx.py)
         *units, project, bn = self.conv
+        training_units = [(unit[0], unit[1]) if type(unit) is ConvBNAct2d else None for unit in units] + [(project, bn)]
+        if self.fused_training and None not in training_units and fused_training_applies(x, training_units):
+            expand = training_units[0] if len(units) == 2 else None
+            return fused_block_train(x, expand, training_units[-2], training_units[-1],
+                                     (self.activation if expand else None, self.activation, None), self.use_res_connect)  # fmt: skip
         if not self._fusable():
             h = x
             for unit in units:
@@ -151,6 +162,7 @@ class DepthwiseSeparableConv2d(nn.Module):
     """
 
     __prepare_scriptable__ = _fx.refuse_torchscript
+    fused_training = True  # False: the unfused training path (see the module docstring)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1,
                  dw_activation: Optional[str] = "relu6", pw_activation: Optional[str] = "relu6", skip: bool = False,
@@ -208,6 +220,9 @@ class DepthwiseSeparableConv2d(nn.Module):
             h = _activate(self.bn1(self.conv_dw(x)), self.dw_activation)
             h = _activate(self.bn2(self.conv_pw(h)), self.pw_activation)
             return h + x if self.skip else h
+        units = [(self.conv_dw, self.bn1), (self.conv_pw, self.bn2)]
+        if self.fused_training and fused_training_applies(x, units):
+            return fused_block_train(x, None, *units, (None, self.dw_activation, self.pw_activation), self.skip)
         if _conv_bn.uses_batch_stats(self.bn1) or _conv_bn.uses_batch_stats(self.bn2):
             h = _conv_bn.conv_bn_act(x, self.conv_dw, self.bn1, self.dw_activation, self._dw_cache)
             h = _conv_bn.conv_bn_act(h, self.conv_pw, self.bn2, self.pw_activation, self._pw_cache)

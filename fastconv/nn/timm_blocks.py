@@ -27,6 +27,7 @@ from torch import nn
 
 from fastconv._validation import fail
 from fastconv.nn import _conv_bn, _fx
+from fastconv.nn._block_training import fused_block_train, fused_training_applies
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.attribute_fusion import batch_norm_activation
 from fastconv.nn.conv_bn_act import plain_conv2d
@@ -159,10 +160,11 @@ class TimmInvertedResidual(nn.Module):
     in timm), with timm's attributes and keys: ``conv_pw`` (1x1 expansion), ``bn1``, ``conv_dw``,
     ``bn2``, ``conv_pwl`` (1x1 projection), ``bn3``. Eval runs the block as one
     `fastconv::inverted_residual` kernel, each BatchNorm folded and cached; training runs
-    each conv with its BatchNorm on fastconv's ops with exact BatchNorm2d semantics (as
-    InvertedResidual does). Made by `from_timm`, which shares the block's parameters."""
+    InvertedResidual's fused training op, exact BatchNorm2d semantics. Made by `from_timm`,
+    which shares the block's parameters."""
 
     __prepare_scriptable__ = _fx.refuse_torchscript
+    fused_training = True  # False: the unfused training path (as InvertedResidual's)
 
     @classmethod
     def from_timm(cls, block: nn.Module) -> "TimmInvertedResidual":
@@ -188,6 +190,9 @@ class TimmInvertedResidual(nn.Module):
         if _fx.symbolically_traced():
             return _fx.opaque_call(self, x)
         units = self._units()
+        if self.fused_training and fused_training_applies(x, [(conv, bn) for conv, bn, _ in units]):
+            return fused_block_train(x, *((conv, bn) for conv, bn, _ in units), (self.activation, self.activation, None),
+                                     self.has_skip)  # fmt: skip
         plain = all(type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d for conv, bn, _ in units)
         if not plain or any(_conv_bn.uses_batch_stats(bn) for _, bn, _ in units):
             # Training (or a child swapped for another kind): each unit in its BatchNorm's own mode.

@@ -7,8 +7,10 @@ from fastconv.ops.conv_bn_act import conv2d_bn_act
 from fastconv.ops import dense_block  # noqa: F401  (registers the dense-block ops)
 from fastconv.ops.depthwise import depthwise_conv2d
 from fastconv.ops.inverted_residual import depthwise_separable_conv2d, inverted_residual
+from fastconv.ops.inverted_residual_train import inverted_residual_train
 from fastconv.ops.pointwise import pointwise_conv2d
 
 __all__ = [
-    "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "inverted_residual", "pointwise_conv2d",
+    "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "inverted_residual", "inverted_residual_train",
+    "pointwise_conv2d",
 ]
