@@ -98,6 +98,19 @@ def ops_text(ops) -> str:
 
 # fastconv ops that compose other fastconv ops (several kernels each): their parts are counted.
 COMPOSITE_OPS = {"dense_block_train", "dense_block_eval"}
+
+
+def _inverted_residual_train_rereads(args, outputs) -> int:
+    """The fused training forward's passes beyond one read of each input and one write of
+    each output (fastconv/ops/inverted_residual_train.py): x is read three times (covariance,
+    statistics pass, fused kernel) and once more for the residual; p, written once, is read
+    twice (its statistics, then its BatchNorm)."""
+    x, p, use_residual = args[0], outputs[1], args[-1]
+    return (2 + bool(use_residual)) * _tensor_bytes(x) + 2 * _tensor_bytes(p)
+
+
+# fastconv ops whose kernels read some tensors more than once: the extra bytes they read.
+EXTRA_READS = {"inverted_residual_train": _inverted_residual_train_rereads}
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
                "alias", "clone_preserve"}  # fmt: skip
 _FILLS = {"zeros_like", "ones_like", "full_like", "fill_", "zero_", "zeros", "ones", "full"}
@@ -135,7 +148,8 @@ def _byte_counter_class():
                        if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write]
             written = {id(t): t for t in outputs + mutated}
             read = {} if name in _FILLS else {id(t): t for t in inputs if id(t) not in written or name.endswith("_")}
-            self.ops.append((f"{namespace}::{name}", sum(map(_tensor_bytes, read.values())),
+            extra = EXTRA_READS[name](args, outputs) if namespace == "fastconv" and name in EXTRA_READS else 0
+            self.ops.append((f"{namespace}::{name}", sum(map(_tensor_bytes, read.values())) + extra,
                              sum(map(_tensor_bytes, written.values()))))  # fmt: skip
             return out
 

@@ -45,6 +45,18 @@ def test_dense_block_is_counted_by_its_kernels():
     assert "fastconv::dense_block_eval" not in ops
 
 
+def test_fused_training_forward_is_counted_by_its_passes():
+    """inverted_residual_train reads x three times (and once more for the residual) and its
+    pre-BatchNorm projection p twice after writing it: 4 + 2 x-sized reads, y and p written."""
+    block = fastconv.nn.InvertedResidual(8, 8, 1, 6).train()
+    x = torch.randn(2, 8, 5, 5)
+    (forward,) = [row for row in count_bytes(lambda: block(x)) if row[0] == "fastconv::inverted_residual_train"]
+    weights = sum(p.numel() * 4 for p in block.parameters())
+    statistics = 2 * (48 + 48 + 8) * 4
+    x_bytes = x.numel() * 4
+    assert forward == ("fastconv::inverted_residual_train", 6 * x_bytes + weights, 2 * x_bytes + statistics)
+
+
 def test_traffic_of_a_model(tmp_path):
     assert bench.main(["--traffic", "--model", "mobilenet_v2", "--out", str(tmp_path)]) == 0
     (row,) = json.loads((tmp_path / "traffic.json").read_text())
