@@ -48,8 +48,8 @@ def case_rows(records, suite):
     for b in baselines:
         header += [f"{b} ms", f"x {b}"]
     header += ["GB/s", "% floor", "check"]
-    memory = [f for f in ("peak_mb", "saved_mb_batch1") if any(f in r for r in recs)]
-    for field in memory:  # the dense suite: memory beside time, ours then each baseline's
+    memory = [f for f in ("peak_mb", "saved_mb_batch1", "saved_mb") if any(f in r for r in recs)]
+    for field in memory:  # the dense and fused-block training suites: memory beside time, ours then each baseline's
         header += [field.replace("_", " ")] + [f"{b} {field.replace('_', ' ')}" for b in baselines]
     rows = []
     for key, by_bl in groups.items():

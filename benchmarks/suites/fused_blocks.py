@@ -1,5 +1,6 @@
 """fused_blocks suite: the MobileNetV2 inverted residual as one kernel (fastconv.nn.InvertedResidual
-in eval), against torchvision's block on cuDNN (eager) and torch.compile max-autotune of it.
+in eval), against torchvision's block on cuDNN (eager) and torch.compile max-autotune of it;
+and (mode "train") its training step against eager's, with the activation memory each keeps.
 
 Memory-bound by design: the floor is the block's I/O, x read once and y written once (plus the
 residual's read), at the copy bandwidth. The eager chain also writes and reads the expanded
@@ -10,9 +11,17 @@ counts, which need no GPU, are recorded beside the timings: `kernel_flops` again
 
 Shapes: every distinct MobileNetV2 block at batch 128 (benchmarks/FLOORS.md's list), fp16,
 channels_last, eval. On the CPU only the harness is checked: one tiny block, fp32.
+
+Mode "train": one step, the forward under fp16 autocast (fp32 parameters, as AMP trains) and
+the backward of a fixed random grad_y, for fastconv's fused training op
+(fastconv::inverted_residual_train) and eager torchvision. Recorded beside the times:
+``saved_mb``, the bytes autograd keeps for backward after the forward (each saved storage
+once, weights excluded), against eager's (``memory_ratio``; the target is <= 0.35); on a GPU
+also the step's peak. The saved bytes need no GPU: on the CPU, without --quick, every block's
+are counted at batch 4 in fp32 (they scale with the batch), untimed.
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,17 +69,22 @@ class Case:
     block: Block
     dtype: str
     layout: str = "channels_last"
-    mode: str = "fwd"
+    mode: str = "fwd"  # or "train"
+    timed: bool = True  # False: the CPU's counted saved bytes only
 
 
 def _cases(ctx):
     blocks = CPU_BLOCKS if ctx.device == "cpu" else (GPU_QUICK if ctx.quick else MOBILENET_V2)
     dtypes = ctx.dtypes or (["fp32"] if ctx.device == "cpu" else ["fp16"])
-    return [Case(b, d) for b in blocks for d in dtypes]
+    cases = [Case(b, d) for b in blocks for d in dtypes]
+    cases += [Case(b, d, mode="train") for b in blocks for d in dtypes]
+    if ctx.device == "cpu" and not ctx.quick:
+        cases += [Case(replace(b, n=4), "fp32", mode="train", timed=False) for b in MOBILENET_V2]
+    return cases
 
 
 def _describe(case):
-    return f"{case.block.name} {case.dtype}"
+    return f"{case.block.name} {case.dtype}{'' if case.mode == 'fwd' else ' ' + case.mode}"
 
 
 def _torchvision_block(block: Block, device, dtype):
@@ -98,6 +112,8 @@ def _traffic(block: Block, element_size: int):
 
 
 def _run(case, ctx):
+    if case.mode == "train":
+        return _run_train(case, ctx)
     import fastconv
 
     block, dtype, device = case.block, DTYPES[case.dtype], ctx.device
@@ -154,6 +170,102 @@ def _run(case, ctx):
                 t, extra["error"] = None, short_error(exc)
         records += baseline_records(ctx, backend, t, baselines, common, extra)
     return records
+
+
+def _saved_bytes(step) -> int:
+    """Bytes autograd keeps for backward over one forward, `step()`: each saved storage once,
+    parameters excluded (they are kept whatever the kernel)."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values())
+
+
+def _peak_bytes(step, device):
+    if device != "cuda":
+        return None
+    synchronize(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _run_train(case, ctx):
+    """One training step (see the module docstring), fastconv's fused training op against eager."""
+    import fastconv
+
+    block, device = case.block, ctx.device
+    dtype = DTYPES[case.dtype]
+    eager = _torchvision_block(block, device, torch.float32).train()
+    fused = fastconv.nn.InvertedResidual.from_torchvision(copy.deepcopy(eager)).train()
+    torch.manual_seed(1)
+    x = torch.randn(block.n, block.c_in, block.h, block.h, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ho = (block.h - 1) // block.stride + 1
+    grad_y = torch.randn(block.n, block.c_out, ho, ho, device=device).contiguous(memory_format=torch.channels_last)
+
+    def forward(module):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            return module(x)
+
+    def step_of(module):
+        def step():
+            forward(module).backward(grad_y.to(dtype))
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+        return step
+
+    def grads(module):
+        y = forward(module)
+        grad_x, *_ = torch.autograd.grad(y, [x], grad_y.to(y.dtype))
+        return y.float(), grad_x.float()
+
+    common = dict(suite=SUITE, case=block.name, dtype=case.dtype, layout=case.layout, mode="train",
+                  activation="relu6", C_in=block.c_in, C_out=block.c_out, H=block.h, stride=block.stride,
+                  expansion=block.ratio, N=block.n)  # fmt: skip
+    baseline_saved = _saved_bytes(lambda: forward(eager))
+    records = []
+    for backend in backends_to_run(ctx, SUITE, DEFAULT_BACKENDS):
+        extra = dict(baseline_saved_mb=baseline_saved / 2**20)
+        with fastconv.use_backend(backend):
+            try:
+                saved = _saved_bytes(lambda: forward(fused))
+                extra.update(saved_mb=saved / 2**20, memory_ratio=saved / baseline_saved)
+                t = bl = None
+                if case.timed:
+                    with torch.no_grad():
+                        ref = copy.deepcopy(eager)
+                    ref_y, ref_x = grads(ref)  # the same step in eager, in the step's dtype...
+                    y, grad_x = grads(copy.deepcopy(fused))
+                    ref32 = copy.deepcopy(eager).float()
+                    with torch.autocast(device, enabled=False):
+                        want_y = ref32(x)
+                        want_x, *_ = torch.autograd.grad(want_y, [x], grad_y)  # ...and in fp32, the oracle
+                    errs = [(y - want_y).abs().max().item(), (grad_x - want_x).abs().max().item()]
+                    eager_errs = [(ref_y - want_y).abs().max().item(), (ref_x - want_x).abs().max().item()]
+                    ok = all(e <= tolerance(ee, dtype, w.abs().max().item())
+                             for e, ee, w in zip(errs, eager_errs, (want_y, want_x)))  # fmt: skip
+                    extra.update(max_abs_err=max(errs), eager_max_abs_err=max(eager_errs), check="ok" if ok else "mismatch")
+                    t = time_call(step_of(fused), ctx)
+                    bl = time_call(step_of(eager), ctx)
+                    extra.update(peak_mb=_mb(_peak_bytes(step_of(fused), device)),
+                                 baseline_peak_mb=_mb(_peak_bytes(step_of(eager), device)))  # fmt: skip
+            except Exception as exc:
+                t, bl, extra["error"] = None, None, short_error(exc)
+        records += baseline_records(ctx, backend, t, {EAGER: (bl, None)}, common, extra)
+    return records
+
+
+def _mb(n):
+    return None if n is None else n / 2**20
 
 
 register(Suite(name=SUITE, cases=_cases, run_case=_run, describe=_describe, order=50))
