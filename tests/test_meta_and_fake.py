@@ -39,6 +39,19 @@ def _calls():
             t(2, 3, 5, 7), [t(3), t(5)], [t(3), t(5)], [t(4, 3, 1, 1), t(4, 5, 1, 1)], [t(4), t(4)], [t(4), t(4)],
             [t(2, 4, 3, 3), t(2, 4, 3, 3)], [], 0.0, 1e-5,
         ),
+        "inverted_residual": lambda t: fastconv.inverted_residual(
+            t(2, 4, 9, 7, cl=True), t(12, 4, 1, 1), t(12, 1, 3, 3), t(4, 12, 1, 1), stride=1, expand_scale=t(12),
+            expand_shift=t(12), dw_scale=t(12), dw_shift=t(12), project_scale=t(4), project_shift=t(4),
+            use_residual=True,
+        ),
+        "inverted_residual_train": lambda t: fastconv.inverted_residual_train(
+            t(2, 4, 9, 7, cl=True), t(12, 4, 1, 1), t(12, 1, 3, 3), t(6, 12, 1, 1), [t(12), t(12), t(12), t(12), t(6), t(6)],
+            stride=2,
+        ),
+        "inverted_residual_train no expand": lambda t: fastconv.inverted_residual_train(
+            t(2, 4, 9, 7), None, t(4, 1, 3, 3), t(4, 4, 1, 1), [None, None, t(4), t(4), t(4), t(4)],
+            activations=(None, "relu", "relu"), use_residual=True,
+        ),
         "dense_block_eval": lambda t: torch.ops.fastconv.dense_block_eval(
             t(2, 3, 5, 7, cl=True), [t(3), t(5)], [t(3), t(5)], [t(4, 3, 1, 1), t(4, 5, 1, 1)], [t(4), t(4)], [t(4), t(4)],
             [t(2, 4, 3, 3), t(2, 4, 3, 3)],
@@ -91,4 +104,7 @@ def test_modules_run_on_meta_tensors():
 
     block = fastconv.nn.convert_conv_bn_act(torchvision.models.mobilenet_v2().features[:3]).eval().to("meta")
     y = block(torch.empty(2, 3, 32, 32, device="meta"))
+    assert y.shape == (2, 24, 8, 8) and y.device.type == "meta"
+    blocks = fastconv.optimize(torchvision.models.mobilenet_v2().features[:4]).train().to("meta")  # fused training
+    y = blocks(torch.empty(2, 3, 32, 32, device="meta"))
     assert y.shape == (2, 24, 8, 8) and y.device.type == "meta"
