@@ -328,3 +328,17 @@ def test_bad_input_names_the_argument():
         BasicConv2d.from_modules(nn.Conv2d(3, 4, 1, bias=False), nn.SyncBatchNorm(4))
     with pytest.raises(ValueError, match=r"bn.num_features must equal conv.out_channels=4; got 5"):
         BasicConv2d.from_modules(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(5))
+
+
+@pytest.mark.parametrize("kind", ["Inception", "InceptionA", "InceptionB"])
+def test_autocast_gives_eager_dtypes_and_values(kind):
+    """CPU bfloat16 autocast (torch backend: the interpreter's bfloat16 dots are not exact): the
+    output dtype is eager's (bfloat16, or float32 where InceptionB's max-pool branch of a float32
+    x makes torch.cat promote), the values eager's within bfloat16 rounding."""
+    reference, x = block(kind)
+    fused = InceptionBlock.from_torchvision(copy.deepcopy(reference)).eval()
+    reference.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), fastconv.use_backend("torch"):
+        want, got = reference(x), fused(x)
+    assert got.dtype == want.dtype == (torch.float32 if kind == "InceptionB" else torch.bfloat16)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())

@@ -35,7 +35,7 @@ from fastconv._validation import fail
 from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import plain_conv2d
-from fastconv.ops._common import autocast_inputs
+from fastconv.ops._common import autocast_dtype, autocast_inputs
 from fastconv.ops.conv_bn_act import route, routed_conv2d_bn_act
 
 
@@ -259,7 +259,10 @@ class InceptionBlock(nn.Module):
         shared = self._shared if self._shared_fusable() else []
         batch_stats = any(_conv_bn.uses_batch_stats(self._conv(n).bn) for n, _ in self._steps if self._is_conv(n))
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if batch_stats or wants_grad or not self._all_fusable():
+        # Under autocast a pooled x beside the convs makes torch.cat promote to x's dtype: eager's
+        # result, which the concatenation gives (InceptionB/D's max-pool branch).
+        promotes = autocast_dtype(x) is not None and any(name in _POOLS for name in self._outputs)
+        if batch_stats or wants_grad or promotes or not self._all_fusable():
             return self._differentiable(x, shared)
         return self._into_buffer(x, shared)
 
@@ -330,8 +333,9 @@ class InceptionBlock(nn.Module):
 
     @torch.no_grad()
     def _into_buffer(self, x: torch.Tensor, shared: list) -> torch.Tensor:
-        """Eval without gradients: every branch stores into its channel slice of one output."""
-        (x,) = autocast_inputs(x)
+        """Eval without gradients: every branch stores into its channel slice of one output.
+        Under autocast the convs cast their inputs (pools read x as it is, as eager's do), and
+        the output is in the autocast dtype."""
         values, out, slices = {"x": x}, None, {}
         if shared:
             y, start = self._shared_forward(x, shared), 0
@@ -382,7 +386,7 @@ class InceptionBlock(nn.Module):
                      f"{tuple(size)}")  # fmt: skip
             return out
         widths = [self._conv(n).conv.out_channels if self._is_conv(n) else x.shape[1] for n in self._outputs]
-        out = empty_output((x.shape[0], sum(widths), *size), x)
+        out = empty_output((x.shape[0], sum(widths), *size), x, autocast_dtype(x))
         start = 0
         for name, width in zip(self._outputs, widths):
             slices[name], start = out[:, start:start + width], start + width
