@@ -342,3 +342,29 @@ def test_autocast_gives_eager_dtypes_and_values(kind):
         want, got = reference(x), fused(x)
     assert got.dtype == want.dtype == (torch.float32 if kind == "InceptionB" else torch.bfloat16)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_conv_act_backward_reads_the_output_instead_of_recomputing(activation):
+    """conv2d_bn_act with only an activation (AlexNet's conv + bias + ReLU): the backward takes the
+    ReLU's derivative from y, 0 at and beyond the kinks as torch's, and runs no second conv forward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():  # some outputs exactly on the kinks (c == 0, c == 6)
+        weight[0].zero_(), bias[0].zero_()
+        weight[1].zero_(), bias[1].fill_(6.0)
+    act = torch.relu if activation == "relu" else F.relu6
+    want = act(F.conv2d(x, weight, bias, padding=1))
+    with fastconv.use_backend("torch"):
+        y = torch.ops.fastconv.conv2d_bn_act(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, None, None, activation)
+        g = torch.randn_like(y)
+        with AtenOps() as ops:
+            got = torch.autograd.grad(y, [x, weight, bias], g)
+    ran = [op for op, _ in ops.calls]
+    assert torch.ops.fastconv.conv2d_bn_act.default not in ran and torch.ops.aten.convolution.default not in ran
+    assert torch.ops.aten.convolution_backward.default in ran  # the recording sees the backward's ops
+    for a, b in zip(got, torch.autograd.grad(want, [x, weight, bias], g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
