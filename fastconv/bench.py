@@ -42,7 +42,12 @@ import torch.nn.functional as F
 COPY_BYTES_PER_S = 4.3e12
 MATMUL_FLOPS_PER_S = 790e12
 
-MODELS = ("mobilenet_v2", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn")
+MODELS = ("mobilenet_v2", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn", "alexnet", "vgg16",
+          "googlenet", "inception_v3")  # fmt: skip
+# A model's own image side where it is not 224 (on a GPU or with --traffic), and its smallest
+# where the CPU default of 64 is too small; --size overrides both.
+MODEL_SIZE = {"inception_v3": 299}
+CPU_SIZE = {"inception_v3": 75}
 MODES = ("inference", "train")
 COMPARISONS = ("eager", "compile", "max-autotune")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -74,7 +79,9 @@ def build(name: str, device, channels_last: bool) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
+    # No auxiliary heads (a training step's loss is the logits'); init_weights: torchvision's own, without its warning.
+    options = dict(aux_logits=False, init_weights=True) if name in ("googlenet", "inception_v3") else {}
+    model = getattr(torchvision.models, name)(weights=None, **options)
     with torch.no_grad():
         for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_mean.normal_(0, 0.2)
@@ -311,7 +318,8 @@ def _parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", default="mobilenet_v2", choices=MODELS)
     p.add_argument("--batch", type=int, default=None, help="default 256 on a GPU or with --traffic, else 2")
-    p.add_argument("--size", type=int, default=None, help="image side; default 224 on a GPU or with --traffic, else 64")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side; default 224 (inception_v3: 299) on a GPU or with --traffic, else 64 (inception_v3: 75)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--mode", default="inference", choices=MODES)
     p.add_argument("--compare", default="eager,compile", help=f"comma-separated: {', '.join(COMPARISONS)}")
@@ -330,6 +338,7 @@ def _parse(argv):
         p.error(f"--compare takes {', '.join(COMPARISONS)}; got {', '.join(unknown)}")
     on_gpu = torch.cuda.is_available() or args.traffic  # counting runs on meta tensors: any size
     args.batch = (256 if on_gpu else 2) if args.batch is None else args.batch
+    args.model_size = ((MODEL_SIZE if on_gpu else CPU_SIZE) if args.size is None else {})  # per model, see _for_model
     args.size = (224 if on_gpu else 64) if args.size is None else args.size
     args.dtype = args.dtype or ("fp16" if on_gpu else "fp32")  # CPU autocast's fp16 convs crawl
     if args.batch < 1 or args.size < 32 or args.steps < 1:
@@ -343,6 +352,11 @@ def _device_slug() -> str:
     return "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(0).lower()).strip("-")
 
 
+def _for_model(args, name: str):
+    """args with the image side of model `name` (see MODEL_SIZE)."""
+    return argparse.Namespace(**{**vars(args), "size": args.model_size.get(name, args.size)})
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -353,7 +367,7 @@ def main(argv=None) -> int:
     if args.traffic:
         rows = []
         for name, mode in cases:
-            row = traffic(name, mode, args)
+            row = traffic(name, mode, _for_model(args, name))
             rows.append(row)
             print(f"{name} {mode} batch {row['batch']} {row['size']}px {row['dtype']}: eager ops move "
                   f"{row['eager_bytes'] / 1e9:.3f} GB, fastconv's {row['fastconv_bytes'] / 1e9:.3f} GB "
@@ -374,7 +388,7 @@ def main(argv=None) -> int:
     chosen = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     for name, mode in cases:
         with chosen:
-            results += run_case(name, mode, args, device, progress)
+            results += run_case(name, mode, _for_model(args, name), device, progress)
         _write(os.path.join(out, "bench.json"), [asdict(r) for r in results])  # kept as it goes
     if bar is not None:
         bar.close()

@@ -73,7 +73,7 @@ def test_bad_arguments():
         bench.main(["--compare", "eager,tensorrt"])
     assert exit.value.code == 2
     with pytest.raises(SystemExit):
-        bench.main(["--model", "alexnet"])
+        bench.main(["--model", "lenet5"])  # not in bench.MODELS
     with pytest.raises(SystemExit):
         bench.main(["--batch", "0"])
     assert entry.main([]) == 2
@@ -87,3 +87,15 @@ def test_demo_runs_as_a_module():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "mobilenet_v2: max |optimised - original|" in done.stdout and "(ok)" in done.stdout
     assert "densenet121" in done.stdout and "less (counted" in done.stdout
+
+
+def test_classic_models_in_the_bench_list_with_their_sizes():
+    """AlexNet, VGG-16, GoogLeNet and Inception-V3 are bench models (and in --all); Inception-V3
+    runs at its own 299x299 on a GPU or with --traffic, at 75x75 (its smallest) on a CPU."""
+    assert {"alexnet", "vgg16", "googlenet", "inception_v3"} <= set(bench.MODELS)
+    args = bench._parse(["--traffic", "--model", "inception_v3"])
+    assert bench._for_model(args, "inception_v3").size == 299 and bench._for_model(args, "googlenet").size == 224
+    if not torch.cuda.is_available():
+        args = bench._parse(["--model", "inception_v3"])
+        assert bench._for_model(args, "inception_v3").size == 75 and bench._for_model(args, "alexnet").size == 64
+    assert bench._for_model(bench._parse(["--size", "96"]), "inception_v3").size == 96
