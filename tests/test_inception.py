@@ -368,3 +368,12 @@ def test_conv_act_backward_reads_the_output_instead_of_recomputing(activation):
     for a, b in zip(got, torch.autograd.grad(want, [x, weight, bias], g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_dynamo_sees_no_graph_break_and_an_empty_batch_runs():
+    reference, x = block("InceptionA")
+    fused = InceptionBlock.from_torchvision(copy.deepcopy(reference)).eval()
+    with torch.no_grad():
+        assert fused(x[:0]).shape == reference.eval()(x[:0]).shape == (0, 232, 5, 5)
+        assert torch._dynamo.explain(fused)(x).graph_break_count == 0  # the stores into the output
+    assert torch._dynamo.explain(fused.train())(x).graph_break_count == 0  # the shared GEMM's statistics

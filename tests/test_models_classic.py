@@ -154,3 +154,28 @@ def test_aux_logits_and_transform_input_as_torchvision(name):
     assert type(got).__name__ == type(want).__name__ and len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+def test_a_1x1_conv_classifier_head_runs_on_the_pointwise_gemm():
+    """SqueezeNet's head (Dropout, 1x1 Conv2d, ReLU, global average pool): the conv + bias + ReLU
+    run as the pointwise GEMM with its epilogue, in a FusedSequential with the same keys."""
+    from fastconv.ops.conv_bn_act import route
+
+    torch.manual_seed(0)
+    original = torchvision.models.squeezenet1_1(weights=None, num_classes=10)
+    optimized = fastconv.optimize(original)
+    head = optimized.classifier
+    assert type(head) is FusedSequential and list(head.state_dict()) == ["1.weight", "1.bias"]
+    assert route(head[1].in_channels, head[1].weight.shape, head[1].stride, (0, 0, 0, 0), 1) == "pointwise"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = original.eval()(x)
+        torch.testing.assert_close(optimized.eval()(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    original, optimized, x = original.double().train(), optimized.double().train(), x.double()
+    want, got = run(original, x), run(optimized, x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grads = dict(optimized.named_parameters())
+    want_grads = torch.autograd.grad(want.square().sum(), list(original.parameters()))
+    got_grads = torch.autograd.grad(got.square().sum(), [grads[k] for k, _ in original.named_parameters()])
+    for (key, _), g, w in zip(original.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{key}: {m}")
