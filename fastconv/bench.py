@@ -88,6 +88,12 @@ def build(name: str, device, channels_last: bool) -> torch.nn.Module:
             bn.running_var.uniform_(0.5, 1.5)
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_(0, 0.2)
+        if name == "inception_v3":
+            # torchvision's init (truncated normal, std 0.1, for every conv) under running statistics
+            # that do not normalise grows the activations to 1e14 at 299x299 (measured): inf in
+            # fp16. He-scaled convs (std sqrt(2 / fan_in)) keep them near 1.
+            for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+                conv.weight.mul_((2.0 / conv.weight[0].numel()) ** 0.5 / conv.weight.std())
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -196,6 +202,46 @@ def counted(model, batch: int, size: int, mode: str, dtype, channels_last: bool)
     return sum(r + w for _, r, w in ops), flops.get_total_flops() * (3 if mode == "train" else 1)
 
 
+def auto_picks() -> dict:
+    """Every choice `auto` has cached so far, {(op name, call key): backend}, over fastconv's ops."""
+    import importlib
+    import pkgutil
+
+    import fastconv.ops
+    from fastconv.backends import OpImplementations
+
+    picks = {}
+    for info in pkgutil.iter_modules(fastconv.ops.__path__):
+        module = importlib.import_module(f"fastconv.ops.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, OpImplementations):
+                picks.update({(value.op_name, key): backend for key, backend in value.auto_choices().items()})
+    return picks
+
+
+def picked_per_layer(before: dict, after: dict) -> list[dict]:
+    """The choices made between two auto_picks() snapshots, one row per op call shape: the op,
+    its tensors' shapes (x, weight, ...) and dtype, and the backend auto took."""
+    rows = []
+    for (op, key), backend in after.items():
+        if before.get((op, key)) == backend:
+            continue
+        # call_key's tensor parts are (shape, strides, dtype, device).
+        tensors = [p for p in key if isinstance(p, tuple) and len(p) == 4 and isinstance(p[2], torch.dtype)]
+        rows.append(dict(op=op, shapes=[list(t[0]) for t in tensors], dtype=str(tensors[0][2]) if tensors else None,
+                         backend=backend))  # fmt: skip
+    return rows
+
+
+def _picked_summary(rows: list[dict]) -> str:
+    counts: dict = {}
+    for row in rows:
+        counts.setdefault(row["op"], {}).setdefault(row["backend"], 0)
+        counts[row["op"]][row["backend"]] += 1
+    per_op = (f"{op}: " + ", ".join(f"{b} x{n}" for b, n in sorted(c.items())) for op, c in sorted(counts.items()))
+    return "; ".join(per_op)
+
+
 def _variants(name: str, args, device: str) -> dict:
     import fastconv
 
@@ -235,6 +281,7 @@ def run_case(name: str, mode: str, args, device: str, progress=None) -> list[Res
         if progress:
             progress(f"{name} {mode} {variant}")
         result = Result(variant=variant, floor_ms=floor_ms, **common)
+        before = auto_picks() if variant == "fastconv" else None
         try:
             step = _step(model, x, target, mode, dtype)
             if args.cuda_graphs and device == "cuda":
@@ -246,6 +293,9 @@ def run_case(name: str, mode: str, args, device: str, progress=None) -> list[Res
             result.error = _short(exc)
         if variant == "fastconv":
             result.max_abs_err = err
+            # What auto took for each layer's op (on a GPU; a CPU runs the torch reference only).
+            # The check above ran the probe batch first, so these are the full batch's shapes.
+            result.extra["auto_choices"] = picked_per_layer(before, auto_picks())
         results.append(result)
         if progress:
             progress(None)  # this variant is done
@@ -262,6 +312,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
         note = r.error or (f"max |fastconv - eager| = {r.max_abs_err:.3g}" if r.max_abs_err is not None else "")
+        if r.extra.get("auto_choices"):
+            note += f"; auto took {_picked_summary(r.extra['auto_choices'])}"
         rows.append([r.model, r.mode, r.variant, fmt(r.ms, ".3f"), fmt(r.images_per_s, ".0f"), fmt(r.peak_mb, ".0f"),
                      fmt(r.speedup_of_fastconv, ".2f"), fmt(r.pct_of_floor, ".1f"), note])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -319,7 +371,8 @@ def _parse(argv):
     p.add_argument("--model", default="mobilenet_v2", choices=MODELS)
     p.add_argument("--batch", type=int, default=None, help="default 256 on a GPU or with --traffic, else 2")
     p.add_argument("--size", type=int, default=None,
-                   help="image side; default 224 (inception_v3: 299) on a GPU or with --traffic, else 64 (inception_v3: 75)")
+                   help="image side; default 224 (inception_v3: 299) on a GPU or with --traffic, "
+                        "else 64 (inception_v3: 75)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--mode", default="inference", choices=MODES)
     p.add_argument("--compare", default="eager,compile", help=f"comma-separated: {', '.join(COMPARISONS)}")
