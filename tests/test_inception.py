@@ -19,6 +19,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -377,3 +378,21 @@ def test_dynamo_sees_no_graph_break_and_an_empty_batch_runs():
         assert fused(x[:0]).shape == reference.eval()(x[:0]).shape == (0, 232, 5, 5)
         assert torch._dynamo.explain(fused)(x).graph_break_count == 0  # the stores into the output
     assert torch._dynamo.explain(fused.train())(x).graph_break_count == 0  # the shared GEMM's statistics
+
+
+def test_feature_extraction_traces_a_fused_googlenet():
+    """torchvision's create_feature_extractor (torch.fx) on an optimized GoogLeNet: each fastconv
+    module one node, the features those of the original."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    original = randomized(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True,
+                                                        num_classes=10)).eval()  # fmt: skip
+    nodes = {"inception3b": "a", "inception4e": "b"}
+    extractor = create_feature_extractor(fastconv.optimize(original), nodes)
+    want = create_feature_extractor(original, nodes)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, expected = extractor(x), want(x)
+    for key in nodes.values():
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
