@@ -323,8 +323,10 @@ def test_bad_input_names_the_argument():
         InceptionBlock("InceptionZ", {})
     with pytest.raises(ValueError, match=r"block must be torchvision's Inception or InceptionA..E.*got torch.nn"):
         InceptionBlock.from_torchvision(nn.Sequential())
-    with pytest.raises(ValueError, match=r"children\['branch1x1'\] must be a fastconv BasicConv2d; got Conv2d"):
+    with pytest.raises(ValueError, match=r"children\['branch1x1'\] must be a fastconv BasicConv2d .*; got Conv2d"):
         InceptionBlock("InceptionA", {**dict(fused.named_children()), "branch1x1": nn.Conv2d(12, 64, 1)})
+    with pytest.raises(ValueError, match=r"children\['branch3x3'\] must be a fastconv BasicConv2d .*; got no such child"):
+        InceptionBlock("InceptionB", {})
     with pytest.raises(ValueError, match=r"bn must be an nn.BatchNorm2d, not a subclass.*SyncBatchNorm"):
         BasicConv2d.from_modules(nn.Conv2d(3, 4, 1, bias=False), nn.SyncBatchNorm(4))
     with pytest.raises(ValueError, match=r"bn.num_features must equal conv.out_channels=4; got 5"):

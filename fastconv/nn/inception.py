@@ -218,8 +218,10 @@ class InceptionBlock(nn.Module):
         self.kind = kind
         self._steps, self._outputs = SPECS[kind]
         for name, _source in self._steps:
-            if name not in _POOLS and name != "branch4.0" and type(_child(self, name)) is not BasicConv2d:
-                fail(f"children[{name!r}] must be a fastconv BasicConv2d; got {type(_child(self, name)).__name__}")
+            child = _child(self, name)
+            if name not in _POOLS and name != "branch4.0" and type(child) is not BasicConv2d:
+                got = "no such child" if child is None else type(child).__name__
+                fail(f"children[{name!r}] must be a fastconv BasicConv2d ({kind}'s forward calls it); got {got}")
         # The 1x1, stride-1 convs that read x: one GEMM with their output channels concatenated.
         self._shared = [name for name, source in self._steps if source == "x" and name not in _POOLS and
                         name != "branch4.0" and _is_pointwise(_child(self, name).conv)]  # fmt: skip
