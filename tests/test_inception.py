@@ -398,3 +398,21 @@ def test_feature_extraction_traces_a_fused_googlenet():
         got, expected = extractor(x), want(x)
     for key in nodes.values():
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_export_and_compile_keep_the_stores_into_the_output():
+    """torch.export under no_grad: the graph stores with conv2d_out / pointwise_conv2d_out and
+    concatenates no activation; torch.compile(fullgraph=True) runs the block (12 s of Inductor here)."""
+    reference, x = block("InceptionA")
+    fused = InceptionBlock.from_torchvision(copy.deepcopy(reference)).eval()
+    reference.eval()
+    with torch.no_grad():
+        want = reference(x)
+        program = torch.export.export(fused, (x,))
+        targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+        assert "fastconv.conv2d_out.default" in targets and "fastconv.pointwise_conv2d_out.default" in targets
+        # The folds (and the shared GEMM's weight concatenation) are in the graph; no activation's cat.
+        cats = [tuple(node.meta["val"].shape) for node in program.graph.nodes if str(node.target) == "aten.cat.default"]
+        assert not [shape for shape in cats if shape[0] == x.shape[0]]
+        torch.testing.assert_close(program.module()(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.compile(fused, fullgraph=True)(x), want, rtol=1e-5, atol=1e-5)
