@@ -181,6 +181,11 @@ def test_triton_backend_tiny_blocks(kind):
         with fastconv.use_backend("triton"):
             got = fused.eval()(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    if kind == "Inception":  # channels_last: the stores into slices of a channels_last output
+        with torch.no_grad(), fastconv.use_backend("triton"):
+            got = fused.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     reference.train(), fused.train()
     want = reference(x)
     with fastconv.use_backend("triton"):
