@@ -43,7 +43,12 @@ import torch.nn.functional as F
 COPY_BYTES_PER_S = 4.3e12
 MATMUL_FLOPS_PER_S = 790e12
 
-MODELS = ("mobilenet_v2", "mobilenet_v1", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn")
+MODELS = ("mobilenet_v2", "mobilenet_v1", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn", "alexnet",
+          "vgg16", "googlenet", "inception_v3")  # fmt: skip
+# A model's own image side where it is not 224 (on a GPU or with --traffic), and its smallest
+# where the CPU default of 64 is too small; --size overrides both.
+MODEL_SIZE = {"inception_v3": 299}
+CPU_SIZE = {"inception_v3": 75}
 MODES = ("inference", "train")
 COMPARISONS = ("eager", "compile", "max-autotune")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -81,13 +86,21 @@ def build(name: str, device, channels_last: bool) -> torch.nn.Module:
     if name == "mobilenet_v1":
         model = fastconv.models.mobilenet_v1_eager()
     else:
-        model = getattr(torchvision.models, name)(weights=None)
+        # No auxiliary heads (a training step's loss is the logits'); init_weights: torchvision's own, without its warning.
+        options = dict(aux_logits=False, init_weights=True) if name in ("googlenet", "inception_v3") else {}
+        model = getattr(torchvision.models, name)(weights=None, **options)
     with torch.no_grad():
         for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_mean.normal_(0, 0.2)
             bn.running_var.uniform_(0.5, 1.5)
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_(0, 0.2)
+        if name == "inception_v3":
+            # torchvision's init (truncated normal, std 0.1, for every conv) under running statistics
+            # that do not normalise grows the activations to 1e14 at 299x299 (measured): inf in
+            # fp16. He-scaled convs (std sqrt(2 / fan_in)) keep them near 1.
+            for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+                conv.weight.mul_((2.0 / conv.weight[0].numel()) ** 0.5 / conv.weight.std())
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -211,6 +224,46 @@ def counted(model, batch: int, size: int, mode: str, dtype, channels_last: bool)
     return sum(r + w for _, r, w in ops), flops.get_total_flops() * (3 if mode == "train" else 1)
 
 
+def auto_picks() -> dict:
+    """Every choice `auto` has cached so far, {(op name, call key): backend}, over fastconv's ops."""
+    import importlib
+    import pkgutil
+
+    import fastconv.ops
+    from fastconv.backends import OpImplementations
+
+    picks = {}
+    for info in pkgutil.iter_modules(fastconv.ops.__path__):
+        module = importlib.import_module(f"fastconv.ops.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, OpImplementations):
+                picks.update({(value.op_name, key): backend for key, backend in value.auto_choices().items()})
+    return picks
+
+
+def picked_per_layer(before: dict, after: dict) -> list[dict]:
+    """The choices made between two auto_picks() snapshots, one row per op call shape: the op,
+    its tensors' shapes (x, weight, ...) and dtype, and the backend auto took."""
+    rows = []
+    for (op, key), backend in after.items():
+        if before.get((op, key)) == backend:
+            continue
+        # call_key's tensor parts are (shape, strides, dtype, device).
+        tensors = [p for p in key if isinstance(p, tuple) and len(p) == 4 and isinstance(p[2], torch.dtype)]
+        rows.append(dict(op=op, shapes=[list(t[0]) for t in tensors], dtype=str(tensors[0][2]) if tensors else None,
+                         backend=backend))  # fmt: skip
+    return rows
+
+
+def _picked_summary(rows: list[dict]) -> str:
+    counts: dict = {}
+    for row in rows:
+        counts.setdefault(row["op"], {}).setdefault(row["backend"], 0)
+        counts[row["op"]][row["backend"]] += 1
+    per_op = (f"{op}: " + ", ".join(f"{b} x{n}" for b, n in sorted(c.items())) for op, c in sorted(counts.items()))
+    return "; ".join(per_op)
+
+
 def _variants(name: str, args, device: str) -> dict:
     eager = build(name, device, args.channels_last)
     variants = {"fastconv": optimised(name, eager)}
@@ -248,6 +301,7 @@ def run_case(name: str, mode: str, args, device: str, progress=None) -> list[Res
         if progress:
             progress(f"{name} {mode} {variant}")
         result = Result(variant=variant, floor_ms=floor_ms, **common)
+        before = auto_picks() if variant == "fastconv" else None
         try:
             step = _step(model, x, target, mode, dtype)
             if args.cuda_graphs and device == "cuda":
@@ -259,6 +313,9 @@ def run_case(name: str, mode: str, args, device: str, progress=None) -> list[Res
             result.error = _short(exc)
         if variant == "fastconv":
             result.max_abs_err = err
+            # What auto took for each layer's op (on a GPU; a CPU runs the torch reference only).
+            # The check above ran the probe batch first, so these are the full batch's shapes.
+            result.extra["auto_choices"] = picked_per_layer(before, auto_picks())
         results.append(result)
         if progress:
             progress(None)  # this variant is done
@@ -275,6 +332,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
         note = r.error or (f"max |fastconv - eager| = {r.max_abs_err:.3g}" if r.max_abs_err is not None else "")
+        if r.extra.get("auto_choices"):
+            note += f"; auto took {_picked_summary(r.extra['auto_choices'])}"
         rows.append([r.model, r.mode, r.variant, fmt(r.ms, ".3f"), fmt(r.images_per_s, ".0f"), fmt(r.peak_mb, ".0f"),
                      fmt(r.speedup_of_fastconv, ".2f"), fmt(r.pct_of_floor, ".1f"), note])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -329,7 +388,9 @@ def _parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", default="mobilenet_v2", choices=MODELS)
     p.add_argument("--batch", type=int, default=None, help="default 256 on a GPU or with --traffic, else 2")
-    p.add_argument("--size", type=int, default=None, help="image side; default 224 on a GPU or with --traffic, else 64")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side; default 224 (inception_v3: 299) on a GPU or with --traffic, "
+                        "else 64 (inception_v3: 75)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--mode", default="inference", choices=MODES)
     p.add_argument("--compare", default="eager,compile", help=f"comma-separated: {', '.join(COMPARISONS)}")
@@ -348,6 +409,7 @@ def _parse(argv):
         p.error(f"--compare takes {', '.join(COMPARISONS)}; got {', '.join(unknown)}")
     on_gpu = torch.cuda.is_available() or args.traffic  # counting runs on meta tensors: any size
     args.batch = (256 if on_gpu else 2) if args.batch is None else args.batch
+    args.model_size = ((MODEL_SIZE if on_gpu else CPU_SIZE) if args.size is None else {})  # per model, see _for_model
     args.size = (224 if on_gpu else 64) if args.size is None else args.size
     args.dtype = args.dtype or ("fp16" if on_gpu else "fp32")  # CPU autocast's fp16 convs crawl
     if args.batch < 1 or args.size < 32 or args.steps < 1:
@@ -361,6 +423,11 @@ def _device_slug() -> str:
     return "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(0).lower()).strip("-")
 
 
+def _for_model(args, name: str):
+    """args with the image side of model `name` (see MODEL_SIZE)."""
+    return argparse.Namespace(**{**vars(args), "size": args.model_size.get(name, args.size)})
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -371,7 +438,7 @@ def main(argv=None) -> int:
     if args.traffic:
         rows = []
         for name, mode in cases:
-            row = traffic(name, mode, args)
+            row = traffic(name, mode, _for_model(args, name))
             rows.append(row)
             print(f"{name} {mode} batch {row['batch']} {row['size']}px {row['dtype']}: eager ops move "
                   f"{row['eager_bytes'] / 1e9:.3f} GB, fastconv's {row['fastconv_bytes'] / 1e9:.3f} GB "
@@ -392,7 +459,7 @@ def main(argv=None) -> int:
     chosen = fastconv.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     for name, mode in cases:
         with chosen:
-            results += run_case(name, mode, args, device, progress)
+            results += run_case(name, mode, _for_model(args, name), device, progress)
         _write(os.path.join(out, "bench.json"), [asdict(r) for r in results])  # kept as it goes
     if bar is not None:
         bar.close()

@@ -81,7 +81,10 @@ def optimize(model: nn.Module, *, inplace: bool = False, verbose: bool = False) 
     BatchNormAct2d; torchvision's _DenseBlock/_Transition -> DenseBlock/Transition (and a
     DenseNet's norm5 -> BatchNormAct2d); nn.Sequential(Conv2d, BatchNorm2d[, ReLU/ReLU6/SiLU/Hardswish/Identity])
     (torchvision's Conv2dNormActivation) -> ConvBNAct2d; timm's blocks' and models' conv ->
-    BatchNorm attribute pairs -> FusedConv2d + FoldedBatchNorm2d (the same keys); a remaining depthwise Conv2d ->
+    BatchNorm attribute pairs -> FusedConv2d + FoldedBatchNorm2d (the same keys); Conv2d -> ReLU
+    runs without a BatchNorm in a plain Sequential (AlexNet, VGG-16) -> FusedSequential (conv, bias
+    and ReLU as one); torchvision's Inception BasicConv2d -> fastconv's BasicConv2d and GoogLeNet's
+    Inception, Inception-V3's InceptionA..E -> InceptionBlock (fastconv/nn/inception.py); a remaining depthwise Conv2d ->
     DepthwiseConv2d and a remaining plain 1x1 Conv2d -> PointwiseConv2d. Anything with a hook,
     a Sequential subclass with its own forward, and unknown blocks (squeeze-excitation, say)
     are left as they are; their convs may still be swapped one by one.

@@ -12,7 +12,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops import Conv2dNormActivation

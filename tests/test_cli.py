@@ -16,6 +16,7 @@ import fastconv
 from fastconv import __main__ as entry
 from fastconv import bench
 from fastconv.benchmarks.traffic import bytes_by_op, count_bytes
+from fastconv.ops._common import call_key
 
 
 def test_one_conv_is_counted_as_by_hand():
@@ -98,7 +99,7 @@ def test_bad_arguments():
         bench.main(["--compare", "eager,tensorrt"])
     assert exit.value.code == 2
     with pytest.raises(SystemExit):
-        bench.main(["--model", "lenet5"])
+        bench.main(["--model", "lenet5"])  # not in bench.MODELS
     with pytest.raises(SystemExit):
         bench.main(["--batch", "0"])
     assert entry.main([]) == 2
@@ -112,3 +113,33 @@ def test_demo_runs_as_a_module():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "mobilenet_v2: max |optimised - original|" in done.stdout and "(ok)" in done.stdout
     assert "densenet121" in done.stdout and "less (counted" in done.stdout
+
+
+def test_classic_models_in_the_bench_list_with_their_sizes():
+    """AlexNet, VGG-16, GoogLeNet and Inception-V3 are bench models (and in --all); Inception-V3
+    runs at its own 299x299 on a GPU or with --traffic, at 75x75 (its smallest) on a CPU."""
+    assert {"alexnet", "vgg16", "googlenet", "inception_v3"} <= set(bench.MODELS)
+    args = bench._parse(["--traffic", "--model", "inception_v3"])
+    assert bench._for_model(args, "inception_v3").size == 299 and bench._for_model(args, "googlenet").size == 224
+    if not torch.cuda.is_available():
+        args = bench._parse(["--model", "inception_v3"])
+        assert bench._for_model(args, "inception_v3").size == 75 and bench._for_model(args, "alexnet").size == 64
+    assert bench._for_model(bench._parse(["--size", "96"]), "inception_v3").size == 96
+
+
+def test_bench_reports_what_auto_picked_per_layer():
+    """auto's choices (made on a GPU; a CPU runs the torch reference and caches none) come back
+    per op call shape, with the backend, from the ops' OpImplementations."""
+    from fastconv.ops import conv_bn_act
+
+    assert bench.picked_per_layer(bench.auto_picks(), bench.auto_picks()) == []
+    before = bench.auto_picks()
+    x, weight = torch.empty(8, 3, 9, 9), torch.empty(4, 3, 3, 3)
+    key = call_key(x, weight, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, None, None, "relu")
+    conv_bn_act.FORWARD._auto_choice[key] = "triton"  # what a GPU run would have cached
+    try:
+        rows = bench.picked_per_layer(before, bench.auto_picks())
+    finally:
+        del conv_bn_act.FORWARD._auto_choice[key]
+    assert rows == [dict(op="conv2d_bn_act", shapes=[[8, 3, 9, 9], [4, 3, 3, 3]], dtype="torch.float32", backend="triton")]
+    assert bench._picked_summary(rows * 2) == "conv2d_bn_act: triton x2"

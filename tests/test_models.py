@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
 
 import fastconv
 import fastconv.models

@@ -1,4 +1,4 @@
-"""VGG-16 with BatchNorm (torchvision's layout and keys) from fastconv's FusedSequential."""
+"""VGG-16, with and without BatchNorm (torchvision's layout and keys), from fastconv's FusedSequential."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 class VGG(nn.Module):
     """torchvision's VGG: ``features`` is a FusedSequential (Conv2d, BatchNorm2d, ReLU, ...,
     MaxPool2d: the same children and keys, ``features.0.weight``, ``features.1.*``, ...), each
-    conv run with its BatchNorm and ReLU fused; ``avgpool`` and ``classifier`` as torchvision's."""
+    conv run with its BatchNorm and ReLU fused; without BatchNorm (Conv2d, ReLU, ...), each conv
+    with its bias and ReLU in the epilogue. ``avgpool`` and ``classifier`` as torchvision's."""
 
-    def __init__(self, cfg: list, num_classes: int = 1000, dropout: float = 0.5) -> None:
+    def __init__(self, cfg: list, num_classes: int = 1000, dropout: float = 0.5, batch_norm: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
@@ -24,7 +25,8 @@ class VGG(nn.Module):
             if value == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(channels, value, 3, padding=1), nn.BatchNorm2d(value), nn.ReLU(inplace=True)]
+                norm = [nn.BatchNorm2d(value)] if batch_norm else []
+                layers += [nn.Conv2d(channels, value, 3, padding=1), *norm, nn.ReLU(inplace=True)]
                 channels = value
         self.features = FusedSequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
@@ -42,3 +44,8 @@ class VGG(nn.Module):
 def vgg16_bn(*, num_classes: int = 1000, dropout: float = 0.5) -> VGG:
     """torchvision's vgg16_bn, from fastconv modules; loads its state_dict with strict=True."""
     return VGG(_VGG16, num_classes, dropout)
+
+
+def vgg16(*, num_classes: int = 1000, dropout: float = 0.5) -> VGG:
+    """torchvision's vgg16 (no BatchNorm), from fastconv modules; loads its state_dict with strict=True."""
+    return VGG(_VGG16, num_classes, dropout, batch_norm=False)

@@ -21,11 +21,14 @@ The parts, in optimize's order:
                  where every part has a fused kernel (timm_blocks.py); a torchvision DenseNet's
                  norm5 -> BatchNormAct2d; a
                  plain nn.Sequential holding Conv2d, BatchNorm2d[, act] runs among other
-                 children (VGG's features) -> FusedSequential (the same children and keys)
+                 children (VGG's features) -> FusedSequential (the same children and keys), which
+                 also runs Conv2d -> act without a BatchNorm (AlexNet, VGG-16) fused; torchvision's
+                 GoogLeNet Inception and Inception-V3 InceptionA..E -> InceptionBlock (inception.py)
     "fuse"       nn.Sequential(Conv2d, BatchNorm2d[, act]) -> ConvBNAct2d; the conv -> BatchNorm
                  attribute pairs of timm's blocks and models, and torchvision ResNet's stem
                  (conv1, bn1, relu) -> FusedConv2d + FoldedBatchNorm2d (+ Identity)
-                 (attribute_fusion.py); any other timm BatchNormAct2d -> BatchNormAct2d
+                 (attribute_fusion.py); any other timm BatchNormAct2d -> BatchNormAct2d; torchvision's
+                 Inception BasicConv2d (conv, BN eps 0.001, ReLU) -> fastconv's BasicConv2d
     "depthwise"  a remaining Conv2d with groups == in_channels -> DepthwiseConv2d
     "pointwise"  a remaining plain 1x1 Conv2d -> PointwiseConv2d
 
@@ -47,6 +50,8 @@ from fastconv.nn.batch_norm import BatchNormAct2d
 from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
 from fastconv.nn.dense import DenseBlock, Transition
 from fastconv.nn.depthwise import DepthwiseConv2d, is_depthwise
+from fastconv.nn.inception import BasicConv2d, InceptionBlock, inception_subclass, is_torchvision_basic_conv, \
+    is_torchvision_inception  # fmt: skip
 from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResidual
 from fastconv.nn.pointwise import PointwiseConv2d, is_pointwise
 from fastconv.nn.resnet import ResNetBlock, is_torchvision_resnet_block
@@ -55,7 +60,7 @@ from fastconv.nn.timm_blocks import TimmInvertedResidual, convert_timm_block, is
 
 PARTS = ("blocks", "fuse", "depthwise", "pointwise")
 FUSED = (ConvBNAct2d, InvertedResidual, DepthwiseSeparableConv2d, ResNetBlock, DenseBlock, Transition, FusedConv2d,
-         FoldedBatchNorm2d, TimmInvertedResidual)
+         FoldedBatchNorm2d, TimmInvertedResidual, BasicConv2d, InceptionBlock)
 _DENSENET = {"_DenseBlock": DenseBlock, "_Transition": Transition}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -110,6 +115,8 @@ def _block(child: nn.Module) -> Optional[nn.Module]:
     if _is_fusable_timm_block(child):
         _repair(child, "", Report())
         return convert_timm_block(child)
+    if is_torchvision_inception(child):
+        return InceptionBlock.from_torchvision(child)
     return None
 
 
@@ -163,6 +170,8 @@ def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
         return ConvBNAct2d.from_modules(*child)
     if "fuse" in parts and _is_timm_batch_norm_act(child):
         return BatchNormAct2d.from_timm(child)
+    if "fuse" in parts and is_torchvision_basic_conv(child):
+        return BasicConv2d.from_torchvision(child)
     if "depthwise" in parts and is_depthwise(child):
         return DepthwiseConv2d.from_conv(child)
     if "pointwise" in parts and type(child) is nn.Conv2d and is_pointwise(child):
@@ -172,6 +181,8 @@ def _swap(child: nn.Module, parts: tuple) -> Optional[nn.Module]:
 
 def _candidate(child: nn.Module, parts: tuple) -> bool:
     """Whether child would match a pattern, ignoring hooks (so a hook can be reported)."""
+    if ("blocks" in parts and is_torchvision_inception(child)) or ("fuse" in parts and is_torchvision_basic_conv(child)):
+        return True  # Inception's units (inception.py)
     return ("blocks" in parts and (_is_torchvision(child, "mobilenetv2", "InvertedResidual")
                                    or is_torchvision_resnet_block(child) or _is_densenet_module(child)
                                    or _is_fusable_timm_block(child))) or (  # fmt: skip
@@ -293,6 +304,10 @@ def leftovers(model: nn.Module, report: Report) -> None:
             elif "squeezeexcit" in type(child).__name__.lower() or type(child).__name__ in ("SEModule", "SqueezeExcite"):
                 report.skipped.append((child_path, type(child).__name__,
                                        "squeeze-excitation: no fused kernel; its convs converted one by one"))  # fmt: skip
+            elif inception_subclass(child):
+                why = (f"subclass of torchvision's {inception_subclass(child)}: its forward may differ; its convs "
+                       "fused one by one")  # fmt: skip
+                report.skipped.append((child_path, type(child).__name__, why))
             visit(child, child_path, seen)
         own_forward = type(module).forward is not nn.Sequential.forward and not isinstance(module, FusedSequential)
         if isinstance(module, nn.Sequential) and own_forward:

@@ -1,12 +1,15 @@
 """FusedSequential: an nn.Sequential whose Conv2d -> BatchNorm2d[ -> activation] runs of
-children (or Conv2d -> timm BatchNormAct2d, its activation included) each run as one fused
-unit, with the children (and so the state_dict keys) unchanged.
+children (or Conv2d -> timm BatchNormAct2d, its activation included), and Conv2d -> activation
+runs without a BatchNorm (AlexNet's and VGG-16's features), each run as one fused unit, with the
+children (and so the state_dict keys) unchanged.
 
 VGG's ``features`` (Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU, MaxPool2d, ...) is
 the case: one ConvBNAct2d per run would renumber the keys (``features.0.weight`` would become
 ``features.0.0.weight``), so the Sequential itself takes over. Each run runs as ConvBNAct2d
 does (fastconv/nn/inverted_residual.py's shared helper): eval folds the BatchNorm into the conv
 (cached) with the activation in the epilogue; training keeps BatchNorm2d's exact semantics.
+A Conv2d -> activation run is one conv with its bias and the activation in the epilogue
+(fastconv::conv2d_bn_act without scale or shift), in training and eval alike.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastconv._geometry import normalise_geometry
+from fastconv._validation import fail
 from fastconv.nn import _fx
 from fastconv.nn.attribute_fusion import batch_norm_activation
 from fastconv.nn._fold_cache import DerivedTensorCache
@@ -24,16 +29,20 @@ from fastconv.nn.conv_bn_act import _ACTIVATION_NAMES
 from fastconv.nn.depthwise import DepthwiseConv2d
 from fastconv.nn import _conv_bn
 from fastconv.nn.pointwise import PointwiseConv2d
+from fastconv.ops._common import autocast_inputs
+from fastconv.ops.conv_bn_act import routed_conv2d_bn_act
 
 _CONVS = (nn.Conv2d, DepthwiseConv2d, PointwiseConv2d)  # the same conv, whichever kernel it had
 
 
 def _run_at(children: list, i: int) -> Optional[tuple]:
-    """(conv, bn, activation name, length) of a fusable run starting at children[i], or None."""
+    """(conv, bn or None, activation name, length) of a fusable run starting at children[i], or None."""
     conv = children[i]
     if type(conv) not in _CONVS or conv.padding_mode != "zeros" or i + 1 >= len(children):
         return None
     bn = children[i + 1]
+    if type(bn) in _ACTIVATION_NAMES:
+        return conv, None, _ACTIVATION_NAMES[type(bn)], 2  # Conv2d -> activation: bias + act epilogue
     if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
         return None
     if type(bn) is not nn.BatchNorm2d:
@@ -63,11 +72,12 @@ def fusable_runs(module: nn.Module) -> int:
 
 def run_batchnorms(module: nn.Module) -> set:
     """ids of the BatchNorms a FusedSequential runs fused."""
-    return {id(run[1]) for run in _runs(module)} if isinstance(module, FusedSequential) else set()
+    return {id(run[1]) for run in _runs(module) if run[1] is not None} if isinstance(module, FusedSequential) else set()
 
 
 class FusedSequential(nn.Sequential):
-    """nn.Sequential with its Conv2d -> BatchNorm2d[ -> act] runs fused; the same children and keys.
+    """nn.Sequential with its Conv2d -> BatchNorm2d[ -> act] and Conv2d -> act runs fused; the
+    same children and keys.
     Made by `FusedSequential.from_sequential(seq)`, which shares seq's modules."""
 
     __prepare_scriptable__ = _fx.refuse_torchscript
@@ -95,10 +105,23 @@ class FusedSequential(nn.Sequential):
                 i += 1
                 continue
             conv, bn, activation, length = run
-            cache = self._caches.setdefault(i, DerivedTensorCache())
+            start, i = i, i + length
+            if bn is None:
+                x = _conv_act(x, conv, activation)
+                continue
+            cache = self._caches.setdefault(start, DerivedTensorCache())
             x = _conv_bn.conv_bn_act(x, conv, bn, activation, cache)
-            i += length
         return x
+
+
+def _conv_act(x: torch.Tensor, conv: nn.Conv2d, activation: str) -> torch.Tensor:
+    """act(conv(x) + bias) as one conv with its epilogue, on the route's kernel."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        fail(f"x must be a 4-D tensor (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
+    kernel = tuple(conv.weight.shape[2:])
+    stride, padding, dilation = normalise_geometry(kernel, conv.stride, conv.padding, conv.dilation)
+    x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
+    return routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, conv.groups, None, None, activation)
 
 
 __all__ = ["FusedSequential", "fusable_runs", "run_batchnorms"]

@@ -231,9 +231,19 @@ def _(x, weight, bias, stride, padding, dilation, groups):
 # Autograd ----------------------------------------------------------------------------------------
 
 
+# Activations whose derivative the output itself gives: relu'(c) == relu'(relu(c)), relu6'(c) ==
+# relu6'(relu6(c)) (0 at and beyond the kinks, as torch's). With no scale or shift (AlexNet's and
+# VGG's conv + bias + ReLU) the backward reads y instead of recomputing the conv: eager's in-place
+# ReLU keeps y too, and the recompute had cost a training step one more conv forward (counted:
+# VGG-16's fp16 step at batch 256 moved 85.4 GB against eager's 80.7 GB).
+_FROM_OUTPUT = ("relu", "relu6")
+
+
 def _setup_forward(ctx, inputs, output) -> None:
     x, weight, bias, stride, padding, dilation, groups, scale, shift, activation = inputs
-    ctx.save_for_backward(x, weight, bias, scale, shift)
+    ctx.from_output = scale is None and shift is None and activation in _FROM_OUTPUT
+    kept = output if ctx.from_output else None
+    ctx.save_for_backward(x, weight, bias, scale, shift, kept)
     ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
     ctx.activation = activation
     ctx.backend = get_backend()  # autograd's CUDA worker thread does not see use_backend()
@@ -269,12 +279,14 @@ def _conv_grads(ctx, grad_c, x, weight, bias, needs) -> tuple:
 
 
 def _backward_forward(ctx, grad_y):
-    x, weight, bias, scale, shift = ctx.saved_tensors
+    x, weight, bias, scale, shift, y = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_scale = grad_shift = None
     with use_backend(ctx.backend):
         grad_c = grad_y
-        if has_epilogue(scale, shift, ctx.activation):
+        if ctx.from_output:
+            grad_c, _, _ = epilogue_backward(grad_y, y, None, None, ctx.activation)
+        elif has_epilogue(scale, shift, ctx.activation):
             c = torch.ops.fastconv.conv2d_bn_act(x, weight, bias, *ctx.geometry, None, None, None)
             grad_c, grad_scale, grad_shift = epilogue_backward(grad_y, c, scale, shift, ctx.activation)
         grad_x, grad_weight, grad_bias = _conv_grads(ctx, grad_c, x, weight, bias, needs)
@@ -312,23 +324,25 @@ register_autocast(conv2d_batch_stats_op, cast=("x", "weight", "bias"))
 # Into a given output ------------------------------------------------------------------------------
 
 
-def _into_triton(*, x, weight, stride, padding, dilation, groups, compute_stats, out):
+def _into_triton(*, x, weight, stride, padding, dilation, groups, compute_stats, out, bias, scale, shift, activation):
     from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
 
-    _, mean, var = conv_bn_act_forward(x, weight, out, None, stride, padding, dilation, groups, None, None, 0,
-                                       compute_stats, allow_tf32())  # fmt: skip
+    bias, scale, shift = contiguous_vectors(bias, scale, shift)
+    _, mean, var = conv_bn_act_forward(x, weight, out, bias, stride, padding, dilation, groups, scale, shift,
+                                       activation_code(activation), compute_stats, allow_tf32())  # fmt: skip
     return mean, var
 
 
 def _into_copying(backend: str):
     """The route's own op, then a copy into `out` (the cuda kernel allocates its output)."""
 
-    def run(*, x, weight, stride, padding, dilation, groups, compute_stats, out):
+    def run(*, x, weight, stride, padding, dilation, groups, compute_stats, out, bias, scale, shift, activation):
         with use_backend(backend):
             if compute_stats:
                 c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, None, stride, padding, dilation, groups)
             else:
-                c = torch.ops.fastconv.conv2d_bn_act(x, weight, None, stride, padding, dilation, groups, None, None, None)
+                c = torch.ops.fastconv.conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift,
+                                                     activation)  # fmt: skip
                 mean = var = None
         out.copy_(c)
         return mean, var
@@ -352,42 +366,62 @@ def conv2d_out_op(
     groups: int,
     compute_stats: bool,
     out: torch.Tensor,
+    # Defaults in the schema: the dense block calls it without an epilogue.
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The implicit-GEMM convolution (no bias, no epilogue) written into `out`, e.g. a channel
-    slice of a dense block's feature buffer, with, when compute_stats, the per-channel batch mean
-    and biased variance of what was written (else two empty tensors). The Triton kernel stores
-    straight into `out`; the cuda backend copies its output there (not yet fused)."""
-    args = (x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups)
-    size = _check_conv(*args)
-    _check_into(x, weight, size, out)
-    if route(x.shape[1], weight.shape, stride, padding, groups) != "gemm":
-        fail("conv2d_out serves the implicit GEMM only (not a depthwise or an unpadded stride-1 1x1 conv)")
+    """The implicit-GEMM convolution written into `out`, e.g. a channel slice of a dense block's
+    feature buffer or of an Inception block's concatenation, with, when compute_stats, the
+    per-channel batch mean and biased variance of what was written (else two empty tensors).
+    Optionally with conv2d_bn_act's epilogue, act((conv + bias) * scale + shift), which statistics
+    exclude (they are a training BatchNorm's input). The Triton kernel stores straight into `out`;
+    the cuda and torch backends copy their output there (not yet fused)."""
+    args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    _check_into_arguments(*args, scale, shift, activation, compute_stats, out)
     if x.shape[0] == 0:
         fill = float("nan") if compute_stats else 0.0
         stats = _stats_like(x, weight).fill_(fill)[: weight.shape[0] if compute_stats else 0]
         return stats, stats.clone()
-    mean, var = INTO(x.device, call_key(*args, compute_stats, out), x=x, weight=weight, stride=tuple(stride),
-                     padding=tuple(padding), dilation=tuple(dilation), groups=groups, compute_stats=compute_stats,
-                     out=out)  # fmt: skip
+    mean, var = INTO(x.device, call_key(*args, compute_stats, out, scale, shift, activation), x=x, weight=weight,
+                     stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups,
+                     compute_stats=compute_stats, out=out, bias=bias, scale=scale, shift=shift,
+                     activation=activation)  # fmt: skip
     if not compute_stats:
         empty = x.new_empty(0, dtype=accumulate_dtype(x.dtype))
         return empty, empty.clone()
     return mean, var
 
 
-def _check_into(x, weight, size, out) -> None:
+def _check_into_arguments(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, compute_stats,
+                          out, real_tensors: bool = True) -> tuple[int, int]:  # fmt: skip
+    size = _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation)
+    _check_into(x, weight, size, out, real_tensors)
+    if route(x.shape[1], weight.shape, stride, padding, groups) != "gemm":
+        fail("conv2d_out serves the implicit GEMM only (not a depthwise or an unpadded stride-1 1x1 conv)")
+    if compute_stats and has_epilogue(scale, shift, activation) or compute_stats and bias is not None:
+        fail(f"compute_stats takes no bias or epilogue (its statistics are of the plain conv); got bias "
+             f"{'given' if bias is not None else None}, scale {'given' if scale is not None else None}, shift "
+             f"{'given' if shift is not None else None}, activation={activation!r}")  # fmt: skip
+    return size
+
+
+def _check_into(x, weight, size, out, real_tensors: bool = True) -> None:
     check_like("out", out, x)
     shape = (x.shape[0], weight.shape[0], *size)
     if tuple(out.shape) != shape:
         fail(f"out must have shape {shape}; got {tuple(out.shape)}")
-    if not isinstance(out, torch._subclasses.FakeTensor) and out.device.type != "meta" and may_overlap(out, x):
+    if real_tensors and out.device.type != "meta" and may_overlap(out, x):
         fail("out must not overlap x: the kernel would read what it has already written")
 
 
 @conv2d_out_op.register_fake
-def _(x, weight, stride, padding, dilation, groups, compute_stats, out):
-    size = _check_conv(x, weight, None, tuple(stride), tuple(padding), tuple(dilation), groups)
-    _check_into(x, weight, size, out)
+def _(x, weight, stride, padding, dilation, groups, compute_stats, out, bias=None, scale=None, shift=None,
+      activation=None):  # fmt: skip  (the schema's defaults)
+    real = not isinstance(out, torch._subclasses.FakeTensor)
+    _check_into_arguments(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, scale, shift,
+                          activation, compute_stats, out, real)  # fmt: skip
     channels = weight.shape[0] if compute_stats else 0
     return _stats_like(x, weight)[:channels].clone(), _stats_like(x, weight)[:channels].clone()
 
