@@ -13,6 +13,7 @@
 // parts of each channel in a fixed order, in float64. No atomics. The partition depends on
 // the shapes, layout and SM count only; the autotuned variants differ in unroll depth, which
 // never reorders the arithmetic of a thread, so every variant gives bit-identical results.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -214,7 +215,7 @@ void stats_typed(const Layout& L, const at::Tensor& c, const at::Tensor& mean,
 template <typename T, typename idx_t>
 void backward_typed(const Layout& L, const at::Tensor& g, const at::Tensor& c, const BnParams& params,
                     const at::Tensor& gc, const at::Tensor& grad_weight,
-                    const at::Tensor& grad_bias, int act) {
+                    const at::Tensor& grad_bias, int act, bool accumulate) {
   constexpr int kVec = kPackBytes / sizeof(T);
   constexpr int kDeep = deep_unroll<T>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -289,10 +290,11 @@ void backward_typed(const Layout& L, const at::Tensor& g, const at::Tensor& c, c
     const RowGeom<idx_t> geom = row_geom<idx_t>(L);
     auto launch = [&](int v) {
       kernels[L.vec][v]<<<cfg.grid, cfg.block, 0, stream>>>(gp, xp, gcp, params, cfp, geom, gs, xs,
-                                                             gcs, C, act);
+                                                             gcs, C, act, accumulate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    launch(pick_variant(key, 2, /*fallback=*/1, launch));
+    // Accumulating, a timing launch would add a second time: the fallback variant, untimed.
+    launch(accumulate ? 1 : pick_variant(key, 2, /*fallback=*/1, launch));
     return;
   }
   using Kernel = decltype(&planes_grad_input_kernel<T, idx_t, 1, 1, true>);
@@ -307,10 +309,10 @@ void backward_typed(const Layout& L, const at::Tensor& g, const at::Tensor& c, c
   const bool is_strided = L.path == Path::kStrided;
   auto launch = [&](int v) {
     const Kernel k = is_strided ? strided : contiguous[L.vec][v];
-    k<<<cfg.grid, cfg.block, 0, stream>>>(gp, xp, gcp, params, cfp, geom, gs, xs, gcs, act);
+    k<<<cfg.grid, cfg.block, 0, stream>>>(gp, xp, gcp, params, cfp, geom, gs, xs, gcs, act, accumulate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  launch(pick_variant(key, is_strided ? 1 : 2, /*fallback=*/1, launch));
+  launch(accumulate ? 1 : pick_variant(key, is_strided ? 1 : 2, /*fallback=*/1, launch));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -318,6 +320,7 @@ void backward_typed(const Layout& L, const at::Tensor& g, const at::Tensor& c, c
 
 constexpr const char* kStats = "fastconv_cuda::batch_norm_stats";
 constexpr const char* kBackward = "fastconv_cuda::batch_norm_act_backward";
+constexpr const char* kAccumulate = "fastconv_cuda::batch_norm_act_backward_accumulate";
 
 void check_c(const char* op, const at::Tensor& c) {
   check_input(op, c, "c", 4);
@@ -390,18 +393,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_meta(
   return {at::empty_like(c), at::empty({c.size(1)}, options), at::empty({c.size(1)}, options)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
-    const at::Tensor& grad_y, const at::Tensor& c, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t activation) {
-  // std::tie, not a structured binding: the dispatch lambda below captures these, which
-  // C++17 (torch 2.11's -std=c++17 build) does not allow for structured bindings.
-  at::Tensor grad_c, grad_weight, grad_bias;
-  std::tie(grad_c, grad_weight, grad_bias) =
-      batch_norm_act_backward_meta(grad_y, c, mean, invstd, weight, bias, activation);
+// Pass 1 and 2 of the backward into grad_c (written, or added into with `accumulate`).
+void run_backward(const at::Tensor& grad_y, const at::Tensor& c, const at::Tensor& mean,
+                  const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& bias, int64_t activation, const at::Tensor& grad_c,
+                  const at::Tensor& grad_weight, const at::Tensor& grad_bias, bool accumulate) {
   if (c.numel() == 0) {
     // Empty sums: the parameter gradients are exactly zero.
-    return {grad_c, grad_weight.zero_(), grad_bias.zero_()};
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return;
   }
   const c10::cuda::CUDAGuard guard(c.device());
   // The kernels read [C] float32 vectors; the parameters convert exactly.
@@ -416,9 +417,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
   const Layout L = make_layout({c, grad_y, grad_c});
   dispatch_types(c.scalar_type(), at::kFloat, L.wide_index, [&](auto t, auto, auto i) {
     backward_typed<decltype(t), decltype(i)>(L, grad_y, c, params, grad_c, grad_weight, grad_bias,
-                                             static_cast<int>(activation));
+                                             static_cast<int>(activation), accumulate);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
+    const at::Tensor& grad_y, const at::Tensor& c, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t activation) {
+  // std::tie, not a structured binding: the dispatch lambda below captures these, which
+  // C++17 (torch 2.11's -std=c++17 build) does not allow for structured bindings.
+  at::Tensor grad_c, grad_weight, grad_bias;
+  std::tie(grad_c, grad_weight, grad_bias) =
+      batch_norm_act_backward_meta(grad_y, c, mean, invstd, weight, bias, activation);
+  run_backward(grad_y, c, mean, invstd, weight, bias, activation, grad_c, grad_weight, grad_bias,
+               /*accumulate=*/false);
   return {grad_c, grad_weight, grad_bias};
+}
+
+// The accumulating twin's checks: grad_c is c's shape and dtype on c's device (any strides: a
+// prefix slice of a dense block's gradient buffer), and overlaps neither c nor grad_y.
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_accumulate_meta(
+    const at::Tensor& grad_y, const at::Tensor& c, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t activation, const at::Tensor& grad_c) {
+  check_backward(grad_y, c, mean, invstd, weight, bias, activation);
+  check_like(kAccumulate, grad_c, "grad_c", c, "c");
+  FC_CHECK(at::has_internal_overlap(grad_c) != at::MemOverlap::Yes, kAccumulate, "grad_c",
+           "a tensor whose elements do not overlap one another",
+           c10::str("strides ", grad_c.strides()));
+  // Meta tensors have no memory to overlap (their storages all read as aliases): checked on CUDA.
+  FC_CHECK(c.is_meta() || (at::get_overlap_status(grad_c, c) == at::MemOverlapStatus::No &&
+                           at::get_overlap_status(grad_c, grad_y) == at::MemOverlapStatus::No),
+           kAccumulate, "grad_c", "a tensor that overlaps neither c nor grad_y", "one that does");
+  const auto options = c.options().dtype(at::kFloat);
+  return {at::empty({c.size(1)}, options), at::empty({c.size(1)}, options)};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_accumulate(
+    const at::Tensor& grad_y, const at::Tensor& c, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t activation, const at::Tensor& grad_c) {
+  at::Tensor grad_weight, grad_bias;
+  std::tie(grad_weight, grad_bias) = batch_norm_act_backward_accumulate_meta(
+      grad_y, c, mean, invstd, weight, bias, activation, grad_c);
+  run_backward(grad_y, c, mean, invstd, weight, bias, activation, grad_c, grad_weight, grad_bias,
+               /*accumulate=*/true);
+  return {grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -428,9 +473,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
 TORCH_LIBRARY_IMPL(fastconv_cuda, CUDA, m) {
   m.impl("batch_norm_stats", &fastconv::batch_norm_stats);
   m.impl("batch_norm_act_backward", &fastconv::batch_norm_act_backward);
+  m.impl("batch_norm_act_backward_accumulate", &fastconv::batch_norm_act_backward_accumulate);
 }
 
 TORCH_LIBRARY_IMPL(fastconv_cuda, Meta, m) {
   m.impl("batch_norm_stats", &fastconv::batch_norm_stats_meta);
   m.impl("batch_norm_act_backward", &fastconv::batch_norm_act_backward_meta);
+  m.impl("batch_norm_act_backward_accumulate", &fastconv::batch_norm_act_backward_accumulate_meta);
 }

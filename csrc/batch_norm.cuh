@@ -312,7 +312,18 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) planes_grad_su
 }
 
 // ---------------------------------------------------------------------------------------
-// batch_norm_act_backward, pass 2: grad_c = scale * (g - mean_g - (c - mean) * coef).
+// batch_norm_act_backward, pass 2: grad_c = scale * (g - mean_g - (c - mean) * coef), or with
+// `accumulate` grad_c += that (batch_norm_act_backward_accumulate: a dense block's layers add
+// into one gradient buffer; each element is read and written by one thread, no atomics).
+
+// z += the VEC values at p, in float32 (the sum is rounded once, by the store).
+template <int VEC, typename T>
+__device__ __forceinline__ void add_existing(const T* p, float (&z)[VEC]) {
+  float prev[VEC];
+  unpack(load_pack<VEC>(p), prev);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) z[i] += prev[i];
+}
 
 template <typename T, typename idx_t, int VEC, int UNROLL>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_grad_input_kernel(
@@ -324,7 +335,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_grad_inpu
     RowGeom<idx_t> geom,              // row count and row -> (n, h, w) split
     Strides<idx_t> gs, Strides<idx_t> xs, Strides<idx_t> gxs,  // element strides
     int C,                            // channels, a multiple of VEC
-    int act) {                        // ActivationCode
+    int act,                          // ActivationCode
+    bool accumulate) {                // add into grad_c instead of overwriting it
   const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   float sc[VEC], sh[VEC], mu[VEC], mg[VEC], cf[VEC];
@@ -351,7 +363,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_grad_inpu
       activation_grad(act, z, d);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) z[i] = sc[i] * (d[i] * gv[i] - mg[i] - (xv[i] - mu[i]) * cf[i]);
-      store_pack<VEC>(gx + row_offset(geom, gxs, r) + c0, z);
+      T* dst = gx + row_offset(geom, gxs, r) + c0;
+      if (accumulate) add_existing<VEC>(dst, z);
+      store_pack<VEC>(dst, z);
     }
   }
 }
@@ -365,7 +379,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) planes_grad_in
     const float* __restrict__ coefs,  // [2, C]: mean_g, coef
     PlaneGeom<idx_t> geom,            // plane tiling, see PlaneGeom
     Strides<idx_t> gs, Strides<idx_t> xs, Strides<idx_t> gxs,  // element strides
-    int act) {                        // ActivationCode
+    int act,                          // ActivationCode
+    bool accumulate) {                // add into grad_c instead of overwriting it
   const int lane = threadIdx.x % kWarpSize;
   const idx_t warp = (static_cast<idx_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
   const idx_t num_warps = static_cast<idx_t>(gridDim.x) * blockDim.x / kWarpSize;
@@ -392,7 +407,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) planes_grad_in
         activation_grad(act, z, d);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) z[i] = sc * (d[i] * gv[i] - mg - (xv[i] - mu) * cf);
-        store_pack<VEC>(gxp + plane_offset<CONTIG, VEC>(geom, gxs, k), z);
+        T* dst = gxp + plane_offset<CONTIG, VEC>(geom, gxs, k);
+        if (accumulate) add_existing<VEC>(dst, z);
+        store_pack<VEC>(dst, z);
       }
     }
   }

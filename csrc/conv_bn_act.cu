@@ -9,6 +9,7 @@
 // C_out/groups, with k = (r*KW + s)*C_in_g + c (channels fastest, so that a 16-byte chunk
 // of k is one 16-byte load from a channels_last x).
 #include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -201,19 +202,19 @@ Outputs conv_bn_act_forward_meta(const at::Tensor& x, const at::Tensor& weight,
   return allocate(x, g, compute_stats);
 }
 
-Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
-                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-                     int64_t activation, bool compute_stats, bool allow_tf32) {
-  const Geometry geo = check_conv(x, weight, bias, stride, padding, dilation, groups, scale,
-                                  shift, activation, allow_tf32);
-  auto [out, mean, var] = allocate(x, geo, compute_stats);
+// The conv into `out` (any strides: its own allocation, or a channel slice of a dense block's
+// or an Inception block's buffer; the GEMM's store follows out's strides), and the statistics.
+void run_conv(const Geometry& geo, const at::Tensor& x, const at::Tensor& weight,
+              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+              int64_t activation, bool compute_stats, const at::Tensor& out, const at::Tensor& mean,
+              const at::Tensor& var) {
   if (out.numel() == 0) {
     // No output pixels: like torch.var_mean over an empty set, both statistics are NaN.
     mean.fill_(std::numeric_limits<float>::quiet_NaN());
     var.fill_(std::numeric_limits<float>::quiet_NaN());
-    return {out, mean, var};
+    return;
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t Cg = geo.C_in / groups, Ng = geo.C_out / groups;
@@ -276,7 +277,65 @@ Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
         g.stats, chunks, g.M, g.C_out, mean.data_ptr<float>(), var.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                     int64_t activation, bool compute_stats, bool allow_tf32) {
+  const Geometry geo = check_conv(x, weight, bias, stride, padding, dilation, groups, scale,
+                                  shift, activation, allow_tf32);
+  auto [out, mean, var] = allocate(x, geo, compute_stats);
+  run_conv(geo, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation,
+           compute_stats, out, mean, var);
   return {out, mean, var};
+}
+
+constexpr const char* kOpOut = "fastconv_cuda::conv_bn_act_out";
+
+// conv_bn_act_out's checks beyond the conv's: out is (N, C_out, Ho, Wo) in x's dtype on x's
+// device, its elements distinct and not x's (the kernel reads x while it stores).
+std::tuple<at::Tensor, at::Tensor> check_out_and_allocate(const at::Tensor& x, const Geometry& g,
+                                                          bool compute_stats, const at::Tensor& out) {
+  FC_CHECK_SAME_DEVICE(kOpOut, out, "out", x, "x");
+  FC_CHECK(out.scalar_type() == x.scalar_type(), kOpOut, "out",
+           c10::str("x's dtype (", x.scalar_type(), ")"), out.scalar_type());
+  FC_CHECK(out.dim() == 4 && out.size(0) == g.N && out.size(1) == g.C_out && out.size(2) == g.Ho &&
+               out.size(3) == g.Wo,
+           kOpOut, "out", c10::str("of shape (", g.N, ", ", g.C_out, ", ", g.Ho, ", ", g.Wo, ")"),
+           c10::str("shape ", out.sizes()));
+  FC_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, kOpOut, "out",
+           "a tensor whose elements do not overlap one another", c10::str("strides ", out.strides()));
+  // Meta tensors have no memory to overlap (their storages all read as aliases): checked on CUDA.
+  FC_CHECK(x.is_meta() || at::get_overlap_status(out, x) == at::MemOverlapStatus::No, kOpOut, "out",
+           "a tensor that does not overlap x", "one that does");
+  const int64_t n = compute_stats ? g.C_out : 0;
+  const auto f32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  return {at::empty({n}, f32), at::empty({n}, f32)};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_bn_act_out_meta(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+    int64_t activation, bool compute_stats, bool allow_tf32, const at::Tensor& out) {
+  const Geometry g = check_conv(x, weight, bias, stride, padding, dilation, groups, scale, shift,
+                                activation, allow_tf32);
+  return check_out_and_allocate(x, g, compute_stats, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_bn_act_out(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+    int64_t activation, bool compute_stats, bool allow_tf32, const at::Tensor& out) {
+  const Geometry geo = check_conv(x, weight, bias, stride, padding, dilation, groups, scale,
+                                  shift, activation, allow_tf32);
+  auto [mean, var] = check_out_and_allocate(x, geo, compute_stats, out);
+  run_conv(geo, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation,
+           compute_stats, out, mean, var);
+  return {mean, var};
 }
 
 }  // namespace
@@ -286,8 +345,10 @@ Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
 // The schema is defined once, in registration.cpp.
 TORCH_LIBRARY_IMPL(fastconv_cuda, CUDA, m) {
   m.impl("conv_bn_act_forward", &fastconv::gemm::conv_bn_act_forward);
+  m.impl("conv_bn_act_out", &fastconv::gemm::conv_bn_act_out);
 }
 
 TORCH_LIBRARY_IMPL(fastconv_cuda, Meta, m) {
   m.impl("conv_bn_act_forward", &fastconv::gemm::conv_bn_act_forward_meta);
+  m.impl("conv_bn_act_out", &fastconv::gemm::conv_bn_act_out_meta);
 }

@@ -45,12 +45,23 @@ TORCH_LIBRARY(fastconv_cuda, m) {
       "conv_bn_act_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
       " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation,"
       " bool compute_stats, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
+  // The same conv stored into `out` (any strides: a channel slice of a concatenation buffer);
+  // returns the statistics.
+  m.def(
+      "conv_bn_act_out(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
+      " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation,"
+      " bool compute_stats, bool allow_tf32, Tensor(a!) out) -> (Tensor, Tensor)");
 
   // batch_norm: the training BatchNorm's statistics and backward (batch_norm.cu).
   m.def("batch_norm_stats(Tensor c) -> (Tensor, Tensor)");
   m.def(
       "batch_norm_act_backward(Tensor grad_y, Tensor c, Tensor mean, Tensor invstd, Tensor? weight,"
       " Tensor? bias, int activation) -> (Tensor, Tensor, Tensor)");
+  // The same backward adding grad_c into a given tensor (a dense block's gradient buffer slice);
+  // returns the parameter gradients.
+  m.def(
+      "batch_norm_act_backward_accumulate(Tensor grad_y, Tensor c, Tensor mean, Tensor invstd,"
+      " Tensor? weight, Tensor? bias, int activation, Tensor(a!) grad_c) -> (Tensor, Tensor)");
 
   // The autotuner's decisions, one line per key (autotune.cpp).
   m.def("autotune_choices() -> str[]");

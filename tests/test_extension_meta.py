@@ -140,6 +140,17 @@ def conv_bn_act_forward_with_stats(dtype, layout):
     )
 
 
+def conv_bn_act_out(dtype, layout):
+    """The conv stored into a channel slice of a wider buffer (a dense block's, an Inception
+    block's): the C++ op and fastconv::conv2d_out's fake return the same statistics."""
+    x, w = conv_inputs(dtype, layout)
+    out = meta((2, 12, 6, 10), dtype, "channel_slice")  # Ho = (11 + 3 - 3) // 2 + 1, Wo = 13 + 1 - 5 + 1
+    return (
+        cuda.conv_bn_act_out(x, w, None, *CONV, None, None, 0, True, True, out),
+        fake.conv2d_out(x, w, *CONV, True, out),
+    )
+
+
 def batch_norm_stats(dtype, layout):
     c = meta((2, 6, 5, 7), dtype, layout)
     return cuda.batch_norm_stats(c), fake.batch_norm_stats(c)
@@ -155,6 +166,18 @@ def batch_norm_act_backward(dtype, layout):
     )
 
 
+def batch_norm_act_backward_accumulate(dtype, layout):
+    """Adds into grad_c, a prefix slice of a wider buffer (a dense block's gradient buffer)."""
+    c, stats = meta((2, 6, 5, 7), dtype, layout), vector(6)
+    g = meta((2, 6, 5, 7), dtype, "channels_last")
+    grad_c = meta((2, 6, 5, 7), dtype, "channel_slice")
+    weight = vector(6, dtype)
+    return (
+        cuda.batch_norm_act_backward_accumulate(g, c, stats, stats, weight, weight, 1, grad_c),
+        fake.batch_norm_act_backward_accumulate(g, c, stats, stats, weight, weight, "relu", grad_c),
+    )
+
+
 # The C++ op each case exercises.
 CASES = {
     bn_act_forward: "bn_act_forward",
@@ -165,8 +188,10 @@ CASES = {
     pointwise_forward: "pointwise_forward",
     conv_bn_act_forward: "conv_bn_act_forward",
     conv_bn_act_forward_with_stats: "conv_bn_act_forward",
+    conv_bn_act_out: "conv_bn_act_out",
     batch_norm_stats: "batch_norm_stats",
     batch_norm_act_backward: "batch_norm_act_backward",
+    batch_norm_act_backward_accumulate: "batch_norm_act_backward_accumulate",
 }
 
 

@@ -104,12 +104,10 @@ def _accumulate_triton(*, grad_y, c, mean, invstd, weight, bias, activation, gra
 
 
 def _accumulate_cuda(*, grad_y, c, mean, invstd, weight, bias, activation, grad_c):
-    # Not fused on CUDA yet: the backward's grad_c, then one add (two more passes than Triton's).
-    grad, grad_weight, grad_bias = _backward_cuda(
-        grad_y=grad_y, c=c, mean=mean, invstd=invstd, weight=weight, bias=bias, activation=activation
-    )
-    grad_c.add_(grad)
-    return grad_weight, grad_bias
+    # The grad-input pass adds into grad_c in its own store, as Triton's ACCUMULATE variant.
+    code = activation_code(activation)
+    return tuple(torch.ops.fastconv_cuda.batch_norm_act_backward_accumulate(
+        grad_y, c, mean, invstd, weight, bias, code, grad_c))  # fmt: skip
 
 
 STATS = OpImplementations("batch_norm_stats")

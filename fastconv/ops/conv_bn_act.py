@@ -333,8 +333,17 @@ def _into_triton(*, x, weight, stride, padding, dilation, groups, compute_stats,
     return mean, var
 
 
+def _into_cuda(*, x, weight, stride, padding, dilation, groups, compute_stats, out, bias, scale, shift, activation):
+    """The CUDA implicit GEMM's own store into `out` (its epilogue writes through out's strides)."""
+    mean, var = torch.ops.fastconv_cuda.conv_bn_act_out(
+        x, weight, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), compute_stats,
+        allow_tf32(), out,
+    )  # fmt: skip
+    return (mean, var) if compute_stats else (None, None)
+
+
 def _into_copying(backend: str):
-    """The route's own op, then a copy into `out` (the cuda kernel allocates its output)."""
+    """The route's own op, then a copy into `out`: the torch reference."""
 
     def run(*, x, weight, stride, padding, dilation, groups, compute_stats, out, bias, scale, shift, activation):
         with use_backend(backend):
@@ -351,7 +360,7 @@ def _into_copying(backend: str):
 
 
 INTO = OpImplementations("conv2d_out")
-INTO.register("cuda", _into_copying("cuda"), refuse_float64_and_fp32_without_tf32("x"))
+INTO.register("cuda", _into_cuda, refuse_float64_and_fp32_without_tf32("x"))
 INTO.register("triton", _into_triton)
 INTO.register("torch", _into_copying("torch"))
 
@@ -376,8 +385,8 @@ def conv2d_out_op(
     feature buffer or of an Inception block's concatenation, with, when compute_stats, the
     per-channel batch mean and biased variance of what was written (else two empty tensors).
     Optionally with conv2d_bn_act's epilogue, act((conv + bias) * scale + shift), which statistics
-    exclude (they are a training BatchNorm's input). The Triton kernel stores straight into `out`;
-    the cuda and torch backends copy their output there (not yet fused)."""
+    exclude (they are a training BatchNorm's input). The Triton and CUDA kernels store straight
+    into `out`; the torch reference copies its output there."""
     args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
     _check_into_arguments(*args, scale, shift, activation, compute_stats, out)
     if x.shape[0] == 0:

@@ -24,8 +24,8 @@ still update its own running statistics exactly.
 Backward. One gradient buffer of the features' shape; layers are visited last to first, and
 layer j adds its gradient into the prefix slice grad[:, :C0 + j*k], so no per-layer cat or
 split is copied, and no float atomics are used (deterministic). In training the add is the
-BatchNorm backward's own store (batch_norm_act_backward_accumulate; fused in the Triton kernel,
-a separate add on CUDA so far). Each layer's BatchNorm is
+BatchNorm backward's own store (batch_norm_act_backward_accumulate, in the Triton and the CUDA
+grad-input kernels). Each layer's BatchNorm is
 differentiated on its own, through its batch statistics: shared statistics are a way of
 computing the same function as torchvision's, not a different function. The prologue is
 recomputed inside the weight-gradient kernel (pointwise_conv2d_backward_weight applies it on
@@ -37,9 +37,10 @@ is recomputed (one elementwise pass), as is, in eval mode, the bottleneck itself
 
 The ops compose fastconv's pointwise, batch-norm and implicit-GEMM ops, so every backend
 (cuda, triton, torch) runs the block on its own kernels. The 3x3 conv stores straight into the
-buffer's slice (conv2d_out) and the prologue gradient is added into the gradient buffer by the
-BatchNorm backward's own store (batch_norm_act_backward_accumulate), both on the Triton kernels;
-the CUDA kernels allocate their outputs, so there each costs one copy or add of the slice.
+buffer's slice (conv2d_out: the implicit GEMM's store follows the slice's strides, in Triton
+and CUDA alike) and the prologue gradient is added into the gradient buffer by the BatchNorm
+backward's own store (batch_norm_act_backward_accumulate); only the torch reference copies.
+The CUDA versions are compiled and Meta-checked here, unrun: no GPU has run them yet.
 """
 
 from __future__ import annotations
