@@ -8,6 +8,7 @@ from fastconv import backends, nn, reference
 from fastconv.backends import get_backend, set_backend, use_backend
 from fastconv.ops import (
     bn_act,
+    bn_act_avg_pool,
     conv2d_bn_act,
     depthwise_conv2d,
     depthwise_separable_conv2d,
@@ -21,7 +22,7 @@ from fastconv import models  # after nn: the models are built from its modules
 __version__ = "0.1.0"
 
 __all__ = [
-    "backends", "bn_act", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "get_backend",
+    "backends", "bn_act", "bn_act_avg_pool", "conv2d_bn_act", "depthwise_conv2d", "depthwise_separable_conv2d", "get_backend",
     "inverted_residual", "inverted_residual_train", "models", "nn", "optimize", "pointwise_conv2d", "reference", "set_backend",
     "use_backend",
 ]

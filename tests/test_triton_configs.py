@@ -177,6 +177,13 @@ def case_hidden_statistics(dtype, expand, stride):
                       2 if expand else 0)  # fmt: skip
 
 
+def case_bn_act_pool(dtype, layout):
+    from fastconv.triton_kernels.bn_act_pool import bn_act_avg_pool
+
+    x = _t((4, 256, 56, 56), dtype, layout)
+    bn_act_avg_pool(x, _vec(256), _vec(256), 1, _t((4, 256, 28, 28), dtype, layout))
+
+
 CL, NCHW = "channels_last", "nchw"
 CASES = {
     # bn_act: rows (channels innermost) and planes kernels, forward and backward.
@@ -184,6 +191,9 @@ CASES = {
     "bn_act fp32 nchw": (case_bn_act, ("float32", NCHW, False)),
     "bn_act backward bf16 cl": (case_bn_act, ("bfloat16", CL, True)),
     "bn_act backward fp16 nchw": (case_bn_act, ("float16", NCHW, True)),
+    # DenseNet's transition in eval: BatchNorm, ReLU and the 2x2 pool in one pass.
+    "bn_act_pool fp16 cl": (case_bn_act_pool, ("float16", CL)),
+    "bn_act_pool fp32 nchw": (case_bn_act_pool, ("float32", NCHW)),
     # Training BatchNorm: statistics and backward, rows and planes.
     "batch_norm fp16 cl": (case_batch_norm, ("float16", CL)),
     "batch_norm fp32 nchw": (case_batch_norm, ("float32", NCHW)),

@@ -249,9 +249,9 @@ class Transition(nn.Sequential):
     """A drop-in for torchvision's ``_Transition``: BN -> ReLU -> 1x1 conv -> 2x2 average pool,
     with its children (``norm``, ``relu``, ``conv``, ``pool``) and keys.
 
-    Eval: the BatchNorm and ReLU are the 1x1 conv's prologue, applied as the features are read,
-    so their output never exists; then the pool (it commutes with a 1x1 conv, so its place is a
-    choice of cost). Training: the one-pass BatchNorm + ReLU with batch statistics, the pool,
+    Eval: BatchNorm, ReLU and the pool in one pass (fastconv::bn_act_avg_pool: the pool commutes
+    with the 1x1 conv, not with the ReLU), then the conv on a quarter of the pixels; with
+    gradients wanted, the BatchNorm and ReLU as the full-resolution conv's prologue, then the pool. Training: the one-pass BatchNorm + ReLU with batch statistics, the pool,
     then the conv on a quarter of the pixels.
     """
 
@@ -313,6 +313,11 @@ class Transition(nn.Sequential):
             scale, shift = self._fold_cache.get((bn.weight, bn.bias, bn.running_mean, bn.running_var), (bn.eps,),
                                                 lambda: _folded_bn(bn))  # fmt: skip
             x, weight = autocast_inputs(x, self.conv.weight)
+            wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, scale, shift))
+            if not wants_grad and x.shape[2] >= 2 and x.shape[3] >= 2:
+                # BN -> ReLU -> pool in one pass, then the conv on a quarter of the pixels
+                # (fastconv/ops/bn_act_pool.py counts the bytes and FLOPs it saves).
+                return ops.pointwise_conv2d(ops.bn_act_avg_pool(x, scale, shift, "relu"), weight)
             y = ops.pointwise_conv2d(x, weight, in_scale=scale, in_shift=shift, in_activation="relu")
             return F.avg_pool2d(y, 2, 2)
         x, weight = autocast_inputs(x, self.conv.weight)
