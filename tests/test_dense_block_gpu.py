@@ -23,3 +23,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CU
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_dense_block_sanitizer_subset(backend, dtype, train):
     check_block(backend, dtype, train, n=2, c0=64, layers=3, growth=32, bn_size=4, h=9, w=7)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channel_slice", "nchw"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_transition_bn_act_pool_sanitizer_subset(dtype, layout):
+    """The transition's one-pass BatchNorm + ReLU + 2x2 pool (Triton) at DenseNet121's first
+    transition width on an odd map, against float64 with the 2x-PyTorch rule."""
+    import torch.nn.functional as F
+
+    import fastconv
+    from harness import assert_matches_reference, random_tensor
+
+    x = random_tensor((4, 256, 15, 13), dtype, layout)
+    scale, shift = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
+    with fastconv.use_backend("triton"):
+        y = fastconv.bn_act_avg_pool(x, scale, shift, "relu")
+    want = F.avg_pool2d(F.relu(x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)), 2)
+    yard = F.avg_pool2d(F.relu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)), 2)
+    assert_matches_reference("y", y, want, yard, terms=4)
