@@ -19,8 +19,9 @@ def symbolically_traced() -> bool:
     """True inside torch.fx.symbolic_trace, False under torch.compile and torch.export."""
     from torch.fx import _symbolic_trace
 
-    tracing = getattr(_symbolic_trace, "_get_is_fx_tracing", None)
-    return bool(tracing and tracing()) and not torch.compiler.is_compiling()
+    # is_fx_symbolic_tracing exists in torch 2.11 (a module flag) and 2.14 (thread-local); the
+    # private _get_is_fx_tracing only in the latter.
+    return bool(_symbolic_trace.is_fx_symbolic_tracing()) and not torch.compiler.is_compiling()
 
 
 def opaque_call(module: torch.nn.Module, x):
