@@ -100,17 +100,26 @@ def ops_text(ops) -> str:
 COMPOSITE_OPS = {"dense_block_train", "dense_block_eval"}
 
 
-def _inverted_residual_train_rereads(args, outputs) -> int:
-    """The fused training forward's passes beyond one read of each input and one write of
-    each output (fastconv/ops/inverted_residual_train.py): x is read three times (covariance,
-    statistics pass, fused kernel) and once more for the residual; p, written once, is read
-    twice (its statistics, then its BatchNorm)."""
-    x, p, use_residual = args[0], outputs[1], args[-1]
-    return (2 + bool(use_residual)) * _tensor_bytes(x) + 2 * _tensor_bytes(p)
+def _inverted_residual_train_passes(args, outputs) -> tuple[int, int]:
+    """(bytes read, bytes written) of the fused training forward's passes beyond one read of
+    each input and one write of each output (fastconv/ops/inverted_residual_train.py):
+    * with an expansion, its statistics read x twice more (its mean; a centred copy in the
+      accumulation dtype, written, then read by the covariance GEMM);
+    * the statistics pass and the fused kernel each read x (one of them is the base read);
+    * p, written once, is read twice (its statistics, then its BatchNorm);
+    * with the residual, y is read back and rewritten by the add, which reads x once more."""
+    x, expand_weight, p, y, use_residual = args[0], args[1], outputs[1], outputs[0], args[-1]
+    read, written = _tensor_bytes(x) + 2 * _tensor_bytes(p), 0
+    if expand_weight is not None:
+        centred = x.numel() * (8 if x.dtype == torch.float64 else 4)
+        read, written = read + 2 * _tensor_bytes(x) + centred, written + centred
+    if use_residual:
+        read, written = read + _tensor_bytes(x) + _tensor_bytes(y), written + _tensor_bytes(y)
+    return read, written
 
 
-# fastconv ops whose kernels read some tensors more than once: the extra bytes they read.
-EXTRA_READS = {"inverted_residual_train": _inverted_residual_train_rereads}
+# fastconv ops whose kernels pass over some tensors more than once: their extra (read, written) bytes.
+EXTRA_PASSES = {"inverted_residual_train": _inverted_residual_train_passes}
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
                "alias", "clone_preserve"}  # fmt: skip
 _FILLS = {"zeros_like", "ones_like", "full_like", "fill_", "zero_", "zeros", "ones", "full"}
@@ -148,9 +157,9 @@ def _byte_counter_class():
                        if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write]
             written = {id(t): t for t in outputs + mutated}
             read = {} if name in _FILLS else {id(t): t for t in inputs if id(t) not in written or name.endswith("_")}
-            extra = EXTRA_READS[name](args, outputs) if namespace == "fastconv" and name in EXTRA_READS else 0
-            self.ops.append((f"{namespace}::{name}", sum(map(_tensor_bytes, read.values())) + extra,
-                             sum(map(_tensor_bytes, written.values()))))  # fmt: skip
+            extra = EXTRA_PASSES[name](args, outputs) if namespace == "fastconv" and name in EXTRA_PASSES else (0, 0)
+            self.ops.append((f"{namespace}::{name}", sum(map(_tensor_bytes, read.values())) + extra[0],
+                             sum(map(_tensor_bytes, written.values())) + extra[1]))  # fmt: skip
             return out
 
     return ByteCounter

@@ -12,16 +12,17 @@ statistics.
 
 Forward on the `triton` backend, without writing e, a1, d or a2 (t times x's size each):
 1. bn_e's statistics analytically: e is linear in x, so mean_e = We mean_x and
-   var_e = diag(We cov_x We^T), from x's C_in x C_in covariance: one read of x and a small
-   GEMM (2 N H W C_in^2 FLOPs, 1/t of the expansion's).
+   var_e = diag(We cov_x We^T), from x's C_in x C_in covariance: x read twice (its mean, then
+   a centred float32 copy, written and read once by a small GEMM: 2 N H W C_in^2 FLOPs, 1/t of
+   the expansion's). Centring first keeps the variance's precision when |mean| >> std.
 2. bn_d's statistics: one pass of the fused kernel that stops after the depthwise conv and
    reduces d per channel (triton_kernels/inverted_residual.hidden_statistics): x read, the
    expansion and depthwise recomputed, nothing stored but [programs, C_hid] partials.
 3. the fused block (`fused_block`) with bn_e and bn_d folded from those statistics, writing p;
    then bn_p's statistics over p and the one-pass BatchNorm + activation (+ x).
-So the forward reads x three times and computes the expansion and depthwise twice: the price
-of never storing the expanded tensor (count it in the block's bytes: 3 x-reads + p written,
-read twice, y written).
+So the forward reads x four times (two without an expansion) plus a float32 copy of it, and
+computes the expansion and depthwise twice: the price of never storing the expanded tensor
+(benchmarks/traffic.py counts these passes).
 
 Backward (both backends): e and d are recomputed for this one block from x with fastconv's
 unfused ops (transiently: one block's hidden tensors, freed before the next block's backward),
@@ -77,9 +78,9 @@ def _expansion_statistics(x: torch.Tensor, expand_weight: torch.Tensor) -> tuple
     covariance (see step 1 of the module docstring); float32 (float64 for float64 x)."""
     wide = accumulate_dtype(x.dtype)
     c_in = x.shape[1]
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c_in).to(wide)
-    mean = rows.mean(0)
-    centered = rows - mean
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c_in)  # a view for channels_last x
+    mean = rows.mean(0, dtype=wide)  # no float32 copy of x: the sum accumulates in wide
+    centered = rows - mean  # the one float32 copy, centred as it is made
     covariance = centered.T @ centered / rows.shape[0]
     weight = expand_weight.reshape(expand_weight.shape[0], c_in).to(wide)
     return weight @ mean, ((weight @ covariance) * weight).sum(1).clamp_(min=0)
