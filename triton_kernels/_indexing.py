@@ -27,6 +27,14 @@ def pixel_offsets(pixels, H, W, stride_n, stride_h, stride_w, MERGED: tl.constex
     return (rest // H) * stride_n + (rest % H) * stride_h + w * stride_w
 
 
+@triton.jit
+def pixel_coordinates(pixels, H, W):
+    """(n, h, w) of pixel numbers (n*H + h)*W + w."""
+    w = pixels % W
+    rest = pixels // W
+    return rest // H, rest % H, w
+
+
 def merged_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
     """The stride s with element i of the flattened dims at offset i * s, or None if none exists.
 

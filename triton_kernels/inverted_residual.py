@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from fastconv._geometry import channels_innermost, output_size
-from fastconv.triton_kernels._indexing import needs_64bit_index
+from fastconv.triton_kernels._indexing import needs_64bit_index, pixel_coordinates
 from fastconv.triton_kernels._statistics import merge_partitions, tile_moments
 from fastconv.triton_kernels._tuning import autotune, interpreter_first
 from fastconv.triton_kernels.activations import apply_activation
@@ -170,10 +170,7 @@ def _fused_block(
         pid_p = pid_p.to(tl.int64)
     pixels = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = pixels < P
-    ow = pixels % WO
-    rest = pixels // WO
-    oh = rest % HO
-    n = rest // HO
+    n, oh, ow = pixel_coordinates(pixels, HO, WO)
     cos = pid_o * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = cos < C_OUT
     ih0 = oh * STRIDE - pad_top
@@ -307,10 +304,7 @@ def _hidden_stats(
         pid_p = pid_p.to(tl.int64)
     pixels = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = pixels < P
-    ow = pixels % WO
-    rest = pixels // WO
-    oh = rest % HO
-    n = rest // HO
+    n, oh, ow = pixel_coordinates(pixels, HO, WO)
     count = tl.minimum(P - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
     for h0 in range(0, C_HID, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
