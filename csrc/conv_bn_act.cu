@@ -209,7 +209,8 @@ void run_conv(const Geometry& geo, const at::Tensor& x, const at::Tensor& weight
               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
               int64_t activation, bool compute_stats, const at::Tensor& out, const at::Tensor& mean,
-              const at::Tensor& var) {
+              const at::Tensor& var, const at::Tensor& residual = at::Tensor(),
+              bool activation_after_residual = false) {
   if (out.numel() == 0) {
     // No output pixels: like torch.var_mean over an empty set, both statistics are NaN.
     mean.fill_(std::numeric_limits<float>::quiet_NaN());
@@ -236,6 +237,10 @@ void run_conv(const Geometry& geo, const at::Tensor& x, const at::Tensor& weight
   g.b_sn = w.row_stride;
   g.b_sk = 1;
   set_output(g, out, Ng);
+  if (residual.defined()) {
+    set_residual(g, residual);
+    g.act_after_residual = activation_after_residual;
+  }
   at::Tensor keep[3];
   g.bias = channel_vec(bias, keep[0]);
   g.scale = channel_vec(scale, keep[1]);
@@ -295,9 +300,13 @@ Outputs conv_bn_act_forward(const at::Tensor& x, const at::Tensor& weight,
 constexpr const char* kOpOut = "fastconv_cuda::conv_bn_act_out";
 
 // conv_bn_act_out's checks beyond the conv's: out is (N, C_out, Ho, Wo) in x's dtype on x's
-// device, its elements distinct and not x's (the kernel reads x while it stores).
+// device, its elements distinct and not x's (the kernel reads x while it stores); a residual has
+// out's shape, dtype and device and shares no element with out (the variant picker's timing
+// launches repeat the store, which would add it again), and excludes the statistics.
 std::tuple<at::Tensor, at::Tensor> check_out_and_allocate(const at::Tensor& x, const Geometry& g,
-                                                          bool compute_stats, const at::Tensor& out) {
+                                                          bool compute_stats,
+                                                          const std::optional<at::Tensor>& residual,
+                                                          const at::Tensor& out) {
   FC_CHECK_SAME_DEVICE(kOpOut, out, "out", x, "x");
   FC_CHECK(out.scalar_type() == x.scalar_type(), kOpOut, "out",
            c10::str("x's dtype (", x.scalar_type(), ")"), out.scalar_type());
@@ -310,6 +319,18 @@ std::tuple<at::Tensor, at::Tensor> check_out_and_allocate(const at::Tensor& x, c
   // Meta tensors have no memory to overlap (their storages all read as aliases): checked on CUDA.
   FC_CHECK(x.is_meta() || at::get_overlap_status(out, x) == at::MemOverlapStatus::No, kOpOut, "out",
            "a tensor that does not overlap x", "one that does");
+  if (residual.has_value() && residual->defined()) {
+    const at::Tensor& r = *residual;
+    FC_CHECK_SAME_DEVICE(kOpOut, r, "residual", x, "x");
+    FC_CHECK(r.scalar_type() == x.scalar_type(), kOpOut, "residual",
+             c10::str("x's dtype (", x.scalar_type(), ")"), r.scalar_type());
+    FC_CHECK(r.sizes() == out.sizes(), kOpOut, "residual", c10::str("out's shape ", out.sizes()),
+             c10::str("shape ", r.sizes()));
+    FC_CHECK(x.is_meta() || at::get_overlap_status(out, r) == at::MemOverlapStatus::No, kOpOut,
+             "residual", "a tensor that does not overlap out", "one that does");
+    FC_CHECK(!compute_stats, kOpOut, "compute_stats",
+             "false with a residual (the statistics are of the plain conv)", "true");
+  }
   const int64_t n = compute_stats ? g.C_out : 0;
   const auto f32 = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   return {at::empty({n}, f32), at::empty({n}, f32)};
@@ -319,22 +340,27 @@ std::tuple<at::Tensor, at::Tensor> conv_bn_act_out_meta(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-    int64_t activation, bool compute_stats, bool allow_tf32, const at::Tensor& out) {
+    int64_t activation, bool compute_stats, bool allow_tf32,
+    const std::optional<at::Tensor>& residual, bool /*activation_after_residual*/,
+    const at::Tensor& out) {
   const Geometry g = check_conv(x, weight, bias, stride, padding, dilation, groups, scale, shift,
                                 activation, allow_tf32);
-  return check_out_and_allocate(x, g, compute_stats, out);
+  return check_out_and_allocate(x, g, compute_stats, residual, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_bn_act_out(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-    int64_t activation, bool compute_stats, bool allow_tf32, const at::Tensor& out) {
+    int64_t activation, bool compute_stats, bool allow_tf32,
+    const std::optional<at::Tensor>& residual, bool activation_after_residual,
+    const at::Tensor& out) {
   const Geometry geo = check_conv(x, weight, bias, stride, padding, dilation, groups, scale,
                                   shift, activation, allow_tf32);
-  auto [mean, var] = check_out_and_allocate(x, geo, compute_stats, out);
+  auto [mean, var] = check_out_and_allocate(x, geo, compute_stats, residual, out);
   run_conv(geo, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation,
-           compute_stats, out, mean, var);
+           compute_stats, out, mean, var, residual.has_value() ? *residual : at::Tensor(),
+           activation_after_residual);
   return {mean, var};
 }
 

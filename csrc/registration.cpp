@@ -45,12 +45,14 @@ TORCH_LIBRARY(fastconv_cuda, m) {
       "conv_bn_act_forward(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
       " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation,"
       " bool compute_stats, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
-  // The same conv stored into `out` (any strides: a channel slice of a concatenation buffer);
-  // returns the statistics.
+  // The same conv stored into `out` (any strides: a channel slice of a concatenation buffer),
+  // optionally with a residual (out's shape) added after the activation or before it (ResNet's
+  // BasicBlock); returns the statistics.
   m.def(
       "conv_bn_act_out(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding,"
       " int[2] dilation, int groups, Tensor? scale, Tensor? shift, int activation,"
-      " bool compute_stats, bool allow_tf32, Tensor(a!) out) -> (Tensor, Tensor)");
+      " bool compute_stats, bool allow_tf32, Tensor? residual, bool activation_after_residual,"
+      " Tensor(a!) out) -> (Tensor, Tensor)");
 
   // batch_norm: the training BatchNorm's statistics and backward (batch_norm.cu).
   m.def("batch_norm_stats(Tensor c) -> (Tensor, Tensor)");

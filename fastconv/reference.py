@@ -77,15 +77,38 @@ def conv2d(
     scale: Optional[torch.Tensor] = None,
     shift: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    activation_after_residual: bool = False,
 ) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, groups=groups) with padding (top, left, bottom, right),
-    then the epilogue act(y * scale + shift). Asymmetric padding goes through F.pad (a copy)."""
+    then the epilogue act(y * scale + shift) (+ residual, see residual_epilogue). Asymmetric
+    padding goes through F.pad (a copy)."""
     top, left, bottom, right = padding
     if (top, left) != (bottom, right):
         x = F.pad(x, (left, right, top, bottom))
         top = left = 0
     y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups=groups)
-    return conv_epilogue(y, scale, shift, activation)
+    return residual_epilogue(y, scale, shift, activation, residual, activation_after_residual)
+
+
+def residual_epilogue(
+    y: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    activation: Optional[str],
+    residual: Optional[torch.Tensor],
+    activation_after_residual: bool,
+) -> torch.Tensor:
+    """z = y * scale + shift; then act(z) + residual, or act(z + residual) when
+    activation_after_residual (ResNet's order); in float32 for half inputs, as the kernels do."""
+    if residual is None:
+        return conv_epilogue(y, scale, shift, activation)
+    dtype = _compute_dtype(y)
+    z = conv_epilogue(y.to(dtype), scale, shift, None if activation_after_residual else activation)
+    z = z + residual.to(dtype)
+    if activation_after_residual:
+        z = apply_activation(z, activation)
+    return z.to(y.dtype)
 
 
 def depthwise_conv2d(
@@ -133,14 +156,7 @@ def pointwise_conv2d(
     """
     a = pointwise_prologue(x, in_scale, in_shift, in_activation)
     y = F.conv2d(a, weight, bias)
-    if residual is None:
-        return conv_epilogue(y, scale, shift, activation)
-    dtype = _compute_dtype(y)
-    z = conv_epilogue(y.to(dtype), scale, shift, None if activation_after_residual else activation)
-    z = z + residual.to(dtype)
-    if activation_after_residual:
-        z = apply_activation(z, activation)
-    return z.to(x.dtype)
+    return residual_epilogue(y, scale, shift, activation, residual, activation_after_residual)
 
 
 def batch_norm_stats(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,28 +62,33 @@ def make(case, dtype=torch.float32, layout="channels_last", *, bias=True, epilog
     return t, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-def call(t, geometry, activation=None):
+def call(t, geometry, activation=None, after=False):
     return fastconv.conv2d_bn_act(
-        t["x"], t["weight"], t.get("bias"), **geometry, scale=t.get("scale"), shift=t.get("shift"), activation=activation
-    )
+        t["x"], t["weight"], t.get("bias"), **geometry, scale=t.get("scale"), shift=t.get("shift"), activation=activation,
+        residual=t.get("residual"), activation_after_residual=after,
+    )  # fmt: skip
 
 
-def eager(t, geometry, activation=None):
-    """F.conv2d then the epilogue, in the tensors' own dtype: the oracle in float64, and the
-    yardstick of what plain PyTorch gets in half precision."""
+def eager(t, geometry, activation=None, after=False):
+    """F.conv2d then the epilogue (and the residual, before the activation when `after`), in the
+    tensors' own dtype: the oracle in float64, and the yardstick of what plain PyTorch gets in
+    half precision."""
     y = torch.nn.functional.conv2d(t["x"], t["weight"], t.get("bias"), geometry["stride"], geometry["padding"],
                                    geometry["dilation"], geometry["groups"])  # fmt: skip
     view = (1, -1, 1, 1)
     if "scale" in t:
         y = y * t["scale"].to(y.dtype).view(view) + t["shift"].to(y.dtype).view(view)
-    return fastconv.activations.apply_activation(y, activation)
+    if "residual" in t and after:
+        return fastconv.activations.apply_activation(y + t["residual"], activation)
+    y = fastconv.activations.apply_activation(y, activation)
+    return y + t["residual"] if "residual" in t else y
 
 
-def check(t, geometry, y, grads, grad_y, lowp, activation):
+def check(t, geometry, y, grads, grad_y, lowp, activation, after=False):
     wide = {name: tensor.detach().double().requires_grad_(True) for name, tensor in t.items()}
-    y64 = eager(wide, geometry, activation)
+    y64 = eager(wide, geometry, activation, after)
     grads64 = torch.autograd.grad(y64, list(wide.values()), grad_y.double())
-    yardstick = eager(t, geometry, activation) if lowp else None
+    yardstick = eager(t, geometry, activation, after) if lowp else None
     grads_lowp = torch.autograd.grad(yardstick, list(t.values()), grad_y) if lowp else [None] * len(t)
     weight = t["weight"]
     taps = weight.shape[1] * weight.shape[2] * weight.shape[3]
@@ -94,13 +99,21 @@ def check(t, geometry, y, grads, grad_y, lowp, activation):
         assert_matches_reference(f"grad_{name}", got, want, lowp_grad, terms=terms.get(name, pixels))
 
 
-def run(backend, t, geometry, lowp=False, activation="relu6"):
+def run(backend, t, geometry, lowp=False, activation="relu6", after=False):
     with poisoned_allocations():
-        y = run_backend(backend, call, t, geometry, activation)
+        y = run_backend(backend, call, t, geometry, activation, after)
         grad_y = torch.randn_like(y)
         grads = run_backend(backend, torch.autograd.grad, y, list(t.values()), grad_y)
-    check(t, geometry, y, grads, grad_y, lowp, activation)
+    check(t, geometry, y, grads, grad_y, lowp, activation, after)
     return y
+
+
+def with_residual(t, geometry, layout="channel_slice", requires_grad=True):
+    """t with a random residual of the output's shape (by default a channel slice: its own strides)."""
+    with torch.no_grad():
+        shape = eager(t, geometry).shape
+    t["residual"] = random_tensor(shape, t["x"].dtype, layout).requires_grad_(requires_grad)
+    return t
 
 
 def test_routes():
@@ -128,6 +141,32 @@ def test_matches_float64(backend, case, layout):
 def test_every_epilogue(backend, bias, epilogue, activation):
     t, geometry = make("stem-3x3-s2-odd", bias=bias, epilogue=epilogue)
     run(backend, t, geometry, activation=activation)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channel_slice"])
+@pytest.mark.parametrize("activation", ["relu", "silu", None])
+@pytest.mark.parametrize("after", [True, False], ids=["act-after-residual", "residual-after-act"])
+@pytest.mark.parametrize("case", ["stem-3x3-s2-odd", "7x7-s2-stem", "depthwise-route", "pointwise-route"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_epilogue(backend, case, after, activation, layout):
+    """ResNet's BasicBlock ends relu(bn(conv3x3) + identity): the residual added before the
+    activation (or after it, MobileNet's order), its gradient too, on every route; the
+    residual in its own layout (a channel slice, or NCHW under channels_last x)."""
+    t, geometry = make(case)
+    run(backend, with_residual(t, geometry, layout), geometry, activation=activation, after=after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_backward_keeps_the_output_not_the_residual(backend):
+    """relu(z + r): the backward takes relu's derivative from y, so it keeps y and not r (nor
+    the sum, which is never formed)."""
+    t, geometry = make("stem-3x3-s2-odd")
+    t = with_residual(t, geometry)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: kept.append(v) or v, lambda v: v):
+        y = run_backend(backend, call, t, geometry, "relu", True)
+    assert any(v is y or v.data_ptr() == y.data_ptr() for v in kept)
+    assert not any(v.data_ptr() == t["residual"].data_ptr() for v in kept)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -185,6 +224,20 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(function, tuple(t.values()), fast_mode=backend == "triton")
 
 
+@pytest.mark.parametrize("after", [True, False], ids=["act-after-residual", "residual-after-act"])
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cuda"])
+def test_gradcheck_float64_with_residual(backend, after):
+    t, geometry = make(((1, 4, 5, 4), 4, (3, 2), 2, (1, 0), 1, 2), torch.float64)
+    t = with_residual(t, geometry, "nchw")
+    names = list(t)
+
+    def function(*values):
+        return call(dict(zip(names, values)), geometry, "silu", after)
+
+    with fastconv.use_backend(backend):
+        assert torch.autograd.gradcheck(function, tuple(t.values()), fast_mode=backend == "triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     t, _ = make("even-same-groups4")
@@ -195,6 +248,8 @@ def test_opcheck(backend):
     with fastconv.use_backend(backend), tf32:
         torch.library.opcheck(torch.ops.fastconv.conv2d_bn_act.default, args)
         torch.library.opcheck(torch.ops.fastconv.conv2d_batch_stats.default, args[:7])
+        residual = random_tensor((2, 12, 6, 5), torch.float32, "channel_slice").requires_grad_(True)
+        torch.library.opcheck(torch.ops.fastconv.conv2d_bn_act.default, args[:9] + ("relu", residual, True))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -255,9 +310,14 @@ def bad(**changes):
         (bad(activation="gelu"), r"activation must be one of .*; got 'gelu'"),
         (bad(x=torch.randn(4, 6, 6)), r"x must be a 4-D tensor \(N, C, H, W\); got 3-D"),
         (bad(bias=torch.randn(6, device="meta")), r"bias must be on x's device cpu; got meta"),
+        (bad(residual=torch.randn(2, 6, 6, 6)), r"residual must have the output's shape \(2, 6, 4, 4\); got \(2, 6, 6, 6\)"),
+        (bad(residual=torch.randn(2, 6, 4, 4).half()), r"residual must have x's dtype torch.float32; got torch.float16"),
+        (bad(groups=6, x=torch.randn(2, 6, 6, 6), weight=torch.randn(6, 1, 3, 3), residual=torch.randn(2, 6, 6, 4)),
+         r"residual must have the output's shape \(2, 6, 4, 4\); got \(2, 6, 6, 4\)"),
     ],
     ids=["groups-channels", "groups-out", "weight-in", "weight-rank", "groups-zero", "too-small", "dtype", "bias",
-         "scale", "shift-dtype", "stride", "padding", "same-stride", "activation", "x-rank", "device"],  # fmt: skip
+         "scale", "shift-dtype", "stride", "padding", "same-stride", "activation", "x-rank", "device", "residual-shape",
+         "residual-dtype", "depthwise-residual-shape"],  # fmt: skip
 )
 def test_bad_input_is_named(function, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -1,5 +1,6 @@
-"""conv2d_bn_act on random geometries, layouts and epilogues, drawn by hypothesis: every
-route (implicit GEMM, depthwise, pointwise) and the batch statistics."""
+"""conv2d_bn_act on random geometries, layouts and epilogues (a residual before or after the
+activation included), drawn by hypothesis: every route (implicit GEMM, depthwise, pointwise)
+and the batch statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from fastconv._geometry import output_size
 from fastconv.ops import conv_bn_act as conv_ops
 from harness import LAYOUTS, backends_under_test, run_backend, seeded
-from test_conv_bn_act import make, run
+from test_conv_bn_act import make, run, with_residual
 
 FUZZ_BACKENDS = [p for p in backends_under_test(conv_ops.FORWARD) if p.values[0] != "cuda" or torch.cuda.is_available()]
 
@@ -33,17 +34,22 @@ FUZZ_BACKENDS = [p for p in backends_under_test(conv_ops.FORWARD) if p.values[0]
     epilogue=st.booleans(),
     bias=st.booleans(),
     activation=st.sampled_from([None, "relu", "silu"]),
+    residual=st.sampled_from([None, "before-activation", "after-activation"]),
+    residual_layout=st.sampled_from(LAYOUTS),
 )
 def test_random_geometries_match_float64(
     backend, seed, batch, groups, channels_per_group, out_per_group, size, kernel, stride, dilation, padding, layout,
-    epilogue, bias, activation,
+    epilogue, bias, activation, residual, residual_layout,
 ):  # fmt: skip
     seeded(seed)
     padding4 = (*padding, *padding)
     assume(min(output_size(size, kernel, stride, padding4, dilation)) >= 1)
     case = ((batch, groups * channels_per_group, *size), groups * out_per_group, kernel, stride, padding, dilation, groups)
     t, geometry = make(case, layout=layout, bias=bias, epilogue=epilogue)
-    run(backend, t, geometry, activation=activation)
+    if residual is not None:
+        t = with_residual(t, geometry, residual_layout)
+    run(backend, t, geometry, activation=activation, after=residual == "before-activation")
+    t.pop("residual", None)
     # The training route's statistics of the same convolution, as stored.
     x, weight = t["x"].detach(), t["weight"].detach()
     bias_ = t["bias"].detach() if bias else None

@@ -58,6 +58,35 @@ def test_conv_bn_act_sanitizer_subset(backend, layout, dtype):
         assert_matches_reference(f"grad_{name}", got, want, plain, terms=48 * 9 if name == "x" else 2 * 6 * 5)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("layout", ("channels_last", "channel_slice"))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_residual_epilogue_sanitizer_subset(backend, layout, dtype):
+    """ResNet's BasicBlock ending: relu(bn(conv3x3) + identity) in the implicit GEMM's epilogue,
+    the identity in its own layout (an NCHW residual under channels_last x and out, or a channel
+    slice), with its gradient."""
+    tensors = conv_inputs((2, 32, 9, 11), 40, (3, 3), 1, dtype, layout)
+    residual = random_tensor((2, 40, 9, 11), dtype, "nchw" if layout == "channels_last" else layout)
+    tensors.append(residual.requires_grad_())
+
+    def call(x, weight, scale, shift, residual):
+        return fastconv.conv2d_bn_act(x, weight, None, 1, 1, scale=scale, shift=shift, activation="relu",
+                                      residual=residual, activation_after_residual=True)  # fmt: skip
+
+    y = run_backend(backend, call, *tensors)
+    grads = run_backend(backend, torch.autograd.grad, y.float().sum(), tensors)
+    torch.cuda.synchronize()
+    wide = [t.detach().double().requires_grad_() for t in tensors]
+    with fastconv.use_backend("torch"):
+        y64 = call(*wide)
+        yardstick = call(*tensors)
+        lowp_grads = torch.autograd.grad(yardstick.float().sum(), tensors)
+    assert_matches_reference("y", y, y64, yardstick, terms=32 * 9)
+    names = ("x", "weight", "scale", "shift", "residual")
+    for name, got, want, plain in zip(names, grads, torch.autograd.grad(y64.sum(), wide), lowp_grads):
+        assert_matches_reference(f"grad_{name}", got, want, plain, terms=40 * 9 if name == "x" else 2 * 9 * 11)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_batch_statistics_sanitizer_subset(backend):
     x, weight, _, _ = conv_inputs((2, 8, 13, 13), 16, (7, 7), 1, torch.float16, requires_grad=False)

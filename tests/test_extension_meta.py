@@ -146,8 +146,21 @@ def conv_bn_act_out(dtype, layout):
     x, w = conv_inputs(dtype, layout)
     out = meta((2, 12, 6, 10), dtype, "channel_slice")  # Ho = (11 + 3 - 3) // 2 + 1, Wo = 13 + 1 - 5 + 1
     return (
-        cuda.conv_bn_act_out(x, w, None, *CONV, None, None, 0, True, True, out),
+        cuda.conv_bn_act_out(x, w, None, *CONV, None, None, 0, True, True, None, False, out),
         fake.conv2d_out(x, w, *CONV, True, out),
+    )
+
+
+def conv_bn_act_out_with_residual(dtype, layout):
+    """ResNet's BasicBlock epilogue: relu(bn(conv) + identity), the identity a channel slice;
+    fastconv::conv2d_bn_act allocates the output the C++ op then fills."""
+    x, w = conv_inputs(dtype, layout)
+    s = vector(12)
+    residual = meta((2, 12, 6, 10), dtype, "channel_slice")
+    out = fake.conv2d_bn_act(x, w, None, *CONV, s, s, "relu", residual, True)
+    return (
+        (out, *cuda.conv_bn_act_out(x, w, None, *CONV, s, s, 1, False, True, residual, True, out)),
+        (fake.conv2d_bn_act(x, w, None, *CONV, s, s, "relu"), vector(0), vector(0)),
     )
 
 
@@ -189,6 +202,7 @@ CASES = {
     conv_bn_act_forward: "conv_bn_act_forward",
     conv_bn_act_forward_with_stats: "conv_bn_act_forward",
     conv_bn_act_out: "conv_bn_act_out",
+    conv_bn_act_out_with_residual: "conv_bn_act_out",
     batch_norm_stats: "batch_norm_stats",
     batch_norm_act_backward: "batch_norm_act_backward",
     batch_norm_act_backward_accumulate: "batch_norm_act_backward_accumulate",

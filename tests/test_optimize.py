@@ -358,8 +358,8 @@ def test_timm_batchnormact_is_refused_not_dropped():
     ("mobilenet_v2", {"aten.relu.default": 0, "aten.hardtanh.default": 0}),
     # Bottleneck: conv3's epilogue adds the shortcut and applies the ReLU (no aten.relu left).
     ("resnet50", {"aten.relu.default": 0, "fastconv.pointwise_conv2d.default": 33}),
-    # BasicBlock: its last conv is 3x3, which has no residual epilogue yet: one add + ReLU each.
-    ("resnet18", {"aten.relu.default": 8, "fastconv.conv2d_bn_act.default": 20}),
+    # BasicBlock: conv2's (3x3) implicit GEMM adds the shortcut and applies the ReLU.
+    ("resnet18", {"aten.relu.default": 0, "fastconv.conv2d_bn_act.default": 20}),
 ])  # fmt: skip
 def test_exported_eval_graph_has_no_batch_norm_left(name, expected):
     """The fusions are taken, not only installed: the issue's converters left 51 aten.batch_norm
@@ -369,6 +369,32 @@ def test_exported_eval_graph_has_no_batch_norm_left(name, expected):
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert not [t for t in targets if "batch_norm" in t]
     assert {op: targets.count(op) for op in expected} == expected
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
+def test_resnet_block_in_eval_has_torchvision_gradients(kind, backend):
+    """Frozen-BatchNorm fine-tuning (detection backbones train so): in eval the last conv's
+    epilogue adds the shortcut before the ReLU, and its backward must give torchvision's
+    gradients for x, every weight and every BatchNorm affine, shortcut included."""
+    torch.manual_seed(0)
+    block_class = getattr(torchvision.models.resnet, kind)
+    downsample = nn.Sequential(nn.Conv2d(8, 4 * block_class.expansion, 1, 2, bias=False),
+                               nn.BatchNorm2d(4 * block_class.expansion))  # fmt: skip
+    block = randomized(block_class(8, 4, stride=2, downsample=downsample)).double().eval()
+    fused = ResNetBlock.from_torchvision(copy.deepcopy(block)).eval()
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    want = block(xs[0])
+    with fastconv.use_backend(backend):
+        got = fused(xs[1])
+        grad_y = torch.randn_like(want)
+        got_grads = torch.autograd.grad(got, [xs[1], *fused.parameters()], grad_y)
+    want_grads = torch.autograd.grad(want, [xs[0], *block.parameters()], grad_y)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    names = ["x"] + [name for name, _ in block.named_parameters()]
+    for name, g, w in zip(names, got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")
 
 
 def test_resnet_block_with_a_swapped_child_runs_its_children_as_they_are():

@@ -141,7 +141,8 @@ def case_pointwise(dtype, layout, tf32=False, stats=False, prologue=False, backw
                                  residual=_t((2, n, 28, 28), dtype, layout), allow_tf32=tf32)
 
 
-def case_conv(dtype, layout, c_in=128, c_out=128, kernel=3, stride=1, size=28, tf32=False, stats=False, index_64=False):
+def case_conv(dtype, layout, c_in=128, c_out=128, kernel=3, stride=1, size=28, tf32=False, stats=False, index_64=False,
+              residual=False):  # fmt: skip
     from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
 
     ho = (size + 2 * (kernel // 2) - kernel) // stride + 1
@@ -150,7 +151,9 @@ def case_conv(dtype, layout, c_in=128, c_out=128, kernel=3, stride=1, size=28, t
     weight = _t((c_out, c_in, kernel, kernel), dtype, "channels_last")
     out = _t((2, c_out, ho, ho), dtype, layout)
     conv_bn_act_forward(x, weight, out, stride=(stride, stride), padding=(kernel // 2,) * 4,
-                        scale=_vec(c_out), shift=_vec(c_out), activation=3, compute_stats=stats, allow_tf32=tf32)
+                        scale=_vec(c_out), shift=_vec(c_out), activation=3, compute_stats=stats, allow_tf32=tf32,
+                        residual=_t(tuple(out.shape), dtype, layout) if residual else None,
+                        activation_after_residual=residual)  # fmt: skip
     return {"INDEX_64": True} if index_64 else {}
 
 
@@ -222,6 +225,9 @@ CASES = {
     "conv taps fp16 cl": (case_conv, ("float16", CL)),
     "conv taps bf16 cl stats": (case_conv, ("bfloat16", CL), {"stats": True}),
     "conv taps fp32 tf32 cl": (case_conv, ("float32", CL), {"tf32": True}),
+    # ResNet's BasicBlock ending: relu(bn(conv3x3) + identity) in the epilogue.
+    "conv taps fp16 cl residual": (case_conv, ("float16", CL), {"c_in": 64, "c_out": 64, "size": 56, "residual": True}),
+    "conv taps fp32 nchw residual": (case_conv, ("float32", NCHW), {"residual": True}),
     # Flattened-K path: the 7x7 s2 stem (3 -> 64 at 224x224, as ResNet's), and its statistics.
     "conv flat stem fp16 cl": (case_conv, ("float16", CL), dict(c_in=3, c_out=64, kernel=7, stride=2, size=224)),
     "conv flat stem fp16 cl stats": (case_conv, ("float16", CL),

@@ -24,7 +24,9 @@ tiles of A straight from x and feeds them to tl.dot. Two ways to walk K, chosen 
   then one block of 32.
 
 Epilogue, per output channel, in float32 (float64 for float64 inputs): act((acc + bias) * scale +
-shift), stored in out's dtype. With STATS each program also reduces the values it stored (rounded
+shift), stored in out's dtype; with a residual (a tensor of out's shape, any strides) either
+act(v) + residual or act(v + residual), ResNet's order, so that a BasicBlock's last 3x3 conv
+writes relu(bn(conv) + identity) in one pass and the sum never exists unactivated in memory. With STATS each program also reduces the values it stored (rounded
 to out's dtype and back, so the statistics describe exactly what was written) to a count, a mean
 and M2 (the sum of squared deviations from that mean) per channel over its valid pixels, and
 stores them in its own row of two [tiles_m, C_out] partial buffers; the host merges the rows with
@@ -145,7 +147,7 @@ _FLAT_CONFIGS = interpreter_first(
 # Shapes, and the flags that change the code (layout ones included: a tile tuned for
 # channels_last need not suit NCHW); the autotuner adds the tensors' dtypes itself.
 _KEY = ["M", "H", "W", "C_G", "N_G", "GROUPS", "KH", "KW", "SH", "SW", "DH", "DW",
-        "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "ACTIVATION", "STATS", "TF32",
+        "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "ACTIVATION", "HAS_RESIDUAL", "ACT_AFTER_RESIDUAL", "STATS", "TF32",
         "PIXEL_MAJOR", "OUT_PIXEL_MAJOR", "ALIGN", "INDEX_64"]
 
 
@@ -167,7 +169,7 @@ def _dot(a, b, acc, TF32: tl.constexpr):
 @triton.jit
 def _conv_gemm_kernel(
     x_ptr, w_ptr, out_ptr,
-    bias_ptr, scale_ptr, shift_ptr,  # absent vectors get a dummy pointer
+    bias_ptr, scale_ptr, shift_ptr, residual_ptr,  # absent tensors get a dummy pointer
     mean_ptr, m2_ptr,  # [tiles_m, GROUPS * N_G] partial statistics (STATS only)
     M, H, W, Ho, Wo,  # M = N*Ho*Wo output pixels; input and output spatial sizes
     C_G, N_G, GROUPS,  # input and output channels per group; groups
@@ -175,10 +177,13 @@ def _conv_gemm_kernel(
     x_sn, x_sc, x_sh, x_sw,  # strides of x
     w_so, w_sc, w_sh, w_sw,  # strides of weight over output channel, input channel, ky, kx
     o_sn, o_sc, o_sh, o_sw,  # strides of out
+    r_sn, r_sc, r_sh, r_sw,  # strides of the residual (out's shape)
     KH: tl.constexpr, KW: tl.constexpr,  # window
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,  # stride, dilation
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACTIVATION: tl.constexpr,  # code from fastconv.activations
+    HAS_RESIDUAL: tl.constexpr,
+    ACT_AFTER_RESIDUAL: tl.constexpr,  # act(v + residual) instead of act(v) + residual
     STATS: tl.constexpr,  # also store per-tile (mean, M2) of the stored values
     SMALL_C: tl.constexpr,  # walk K flattened over (ky, kx, c) instead of taps x channel blocks
     PIXEL_MAJOR: tl.constexpr,  # gather A tiles as [BLOCK_K, BLOCK_M] (x's channels not innermost)
@@ -321,7 +326,29 @@ def _conv_gemm_kernel(
         v = v * _load_vector(scale_ptr, channels, n_mask, WIDE)[None, :]
     if HAS_SHIFT:
         v += _load_vector(shift_ptr, channels, n_mask, WIDE)[None, :]
-    v = apply_activation(v, ACTIVATION)
+    if HAS_RESIDUAL:
+        # The pixels' (n, oh, ow) again rather than kept through the K loop: three more live
+        # vectors there for a rare epilogue. Loaded in the store's orientation (see x).
+        ow = rows % Wo
+        rest = rows // Wo
+        r_rows = (rest // Ho) * r_sn + (rest % Ho) * r_sh + ow * r_sw
+        if OUT_PIXEL_MAJOR:
+            residual = tl.trans(tl.load(residual_ptr + (channels * r_sc)[:, None] + r_rows[None, :],
+                                        mask=n_mask[:, None] & m_mask[None, :], other=0.0))
+        elif ALIGN > 1:  # the residual's channels innermost too (_alignment)
+            r_channels = tl.max_contiguous(tl.multiple_of(channels, ALIGN), ALIGN)
+            residual = tl.load(residual_ptr + tl.multiple_of(r_rows, ALIGN)[:, None] + r_channels[None, :],
+                               mask=m_mask[:, None] & tl.max_constancy(n_mask, ALIGN)[None, :], other=0.0)
+        else:
+            residual = tl.load(residual_ptr + r_rows[:, None] + (channels * r_sc)[None, :],
+                               mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        residual = residual.to(compute)
+        if ACT_AFTER_RESIDUAL:
+            v = apply_activation(v + residual, ACTIVATION)
+        else:
+            v = apply_activation(v, ACTIVATION) + residual
+    else:
+        v = apply_activation(v, ACTIVATION)
     stored = v.to(out_ptr.dtype.element_ty)
     if OUT_PIXEL_MAJOR:
         # out's channels are not innermost: store transposed, threads along the pixels (see x).
@@ -361,18 +388,20 @@ def _combine_statistics(partial_mean, partial_m2, block_m: int, M: int, dtype: t
     return merge_partitions(counts, partial_mean[:tiles], partial_m2[:tiles], M, dtype)
 
 
-def _alignment(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, C_g: int, N_g: int) -> int:
+def _alignment(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, C_g: int, N_g: int,
+               residual: Optional[torch.Tensor] = None) -> int:
     """The largest power of two up to 16 dividing every pixel and window stride, each group's first
-    channel and each tensor's start, in elements, when all three tensors have their channels
-    innermost; else 1 (no hint).
+    channel and each tensor's start, in elements, when all the tensors (the residual too, when
+    given) have their channels innermost; else 1 (no hint).
 
     Triton itself infers vector loads only from multiples of 16; 40 channels (a multiple of 8)
     would otherwise load A and B tiles one element at a time, and no cp.async pipelining.
     """
-    if x.stride(1) != 1 or weight.stride(1) != 1 or out.stride(1) != 1:
+    tensors = (x, weight, out) + ((residual,) if residual is not None else ())
+    if any(t.stride(1) != 1 for t in tensors):
         return 1
-    values = [C_g, N_g] + [t.stride(d) for t in (x, weight, out) for d in (0, 2, 3)]
-    values += [t.storage_offset() for t in (x, weight, out)]
+    values = [C_g, N_g] + [t.stride(d) for t in tensors for d in (0, 2, 3)]
+    values += [t.storage_offset() for t in tensors]
     divisor = 0
     for v in values:
         divisor = math.gcd(divisor, v)
@@ -403,8 +432,10 @@ def conv_bn_act_forward(
     activation: int = 0,
     compute_stats: bool = False,
     allow_tf32: bool = False,
+    residual: Optional[torch.Tensor] = None,
+    activation_after_residual: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """out = act((conv2d(x, weight) + bias) * scale + shift); returns (out, mean, var).
+    """out = act((conv2d(x, weight) + bias) * scale + shift) [+ residual]; returns (out, mean, var).
 
     x (N, C_in, H, W) and weight (C_out, C_in/groups, kh, kw), in one dtype, may have any
     strides; out (N, C_out, Ho, Wo) is preallocated in that dtype with any strides, and only its
@@ -416,6 +447,11 @@ def conv_bn_act_forward(
     With compute_stats, mean and var are the per-channel mean and biased variance over (N, Ho,
     Wo) of out as stored (after rounding to out's dtype), float32 (float64 for float64 inputs),
     NaN when out has no pixels; otherwise both are None. Deterministic.
+
+    residual, of out's shape and dtype with any strides (not overlapping out: the autotuner's
+    timing runs repeat the launch), is added after the activation, or before it when
+    activation_after_residual. It excludes compute_stats (the statistics are a training
+    BatchNorm's input, the plain conv).
     """
     N, C, H, W = x.shape
     C_out, C_g, KH, KW = weight.shape
@@ -428,6 +464,12 @@ def conv_bn_act_forward(
         raise ValueError(f"fastconv: x, weight and out must share a dtype; got {x.dtype}, {weight.dtype}, {out.dtype}")
     for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
         _check_vector(name, t, C_out)
+    if residual is not None:
+        if tuple(residual.shape) != tuple(out.shape) or residual.dtype != out.dtype:
+            raise ValueError(f"fastconv: residual must match out's shape {tuple(out.shape)} and dtype {out.dtype}; "
+                             f"got {tuple(residual.shape)} and {residual.dtype}")  # fmt: skip
+        if compute_stats:
+            raise ValueError("fastconv: compute_stats takes no residual (its statistics are of the plain conv)")
     wide = x.dtype == torch.float64
     stat_dtype = accumulate_dtype(x.dtype)
     M = N * Ho * Wo
@@ -446,18 +488,21 @@ def conv_bn_act_forward(
         tiles = triton.cdiv(M, min(config.kwargs["BLOCK_M"] for config in kernel.configs))
         partial_mean = torch.empty(tiles, C_out, dtype=torch.float64, device=x.device)  # see tile_moments
         partial_m2 = torch.empty(tiles, C_out, dtype=stat_dtype, device=x.device)
-    vectors = [t for t in (bias, scale, shift) if t is not None]
+    vectors = [t for t in (bias, scale, shift, residual) if t is not None]
     flags = dict(
         KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        ACTIVATION=int(activation), STATS=bool(compute_stats), SMALL_C=small_c,
+        ACTIVATION=int(activation), HAS_RESIDUAL=residual is not None,
+        ACT_AFTER_RESIDUAL=bool(activation_after_residual) and residual is not None,
+        STATS=bool(compute_stats), SMALL_C=small_c,
         PIXEL_MAJOR=x.stride(1) != 1, OUT_PIXEL_MAJOR=out.stride(1) != 1,
-        ALIGN=1 if small_c else _alignment(x, weight, out, C_g, C_out // groups),
+        ALIGN=1 if small_c else _alignment(x, weight, out, C_g, C_out // groups, residual),
         TF32=bool(allow_tf32) and x.dtype == torch.float32,
         INDEX_64=needs_64bit_index([x, weight, out] + vectors, _INDEX_HEADROOM), WIDE=wide,
     )
-    # Absent vectors are never loaded (their HAS_ flag is off); any pointer will do.
-    bias, scale, shift = (t if t is not None else x for t in (bias, scale, shift))
+    r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    # Absent tensors are never loaded (their HAS_ flag is off); any pointer will do.
+    bias, scale, shift, residual = (t if t is not None else x for t in (bias, scale, shift, residual))
     N_g = C_out // groups
     # The grid function sees the config that runs (the autotuner's last call is the real launch):
     # the statistics' tile count follows its BLOCK_M.
@@ -468,9 +513,9 @@ def conv_bn_act_forward(
         return (triton.cdiv(M, meta["BLOCK_M"]) * groups * triton.cdiv(N_g, meta["BLOCK_N"]),)
 
     kernel[grid](
-        x, weight, out, bias, scale, shift, partial_mean, partial_m2,
+        x, weight, out, bias, scale, shift, residual, partial_mean, partial_m2,
         M, H, W, Ho, Wo, C_g, N_g, groups, padding[0], padding[1],
-        *x.stride(), *weight.stride(), *out.stride(),
+        *x.stride(), *weight.stride(), *out.stride(), *r_strides,
         **flags,
     )
     if not compute_stats:

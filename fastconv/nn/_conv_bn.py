@@ -18,6 +18,7 @@ from torch import nn
 
 from fastconv._geometry import accumulate_dtype, normalise_geometry
 from fastconv._validation import fail
+from fastconv.activations import apply_activation
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.ops._common import autocast_inputs
 from fastconv.ops.conv_bn_act import routed_conv2d_bn_act
@@ -68,13 +69,19 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tens
     bn.running_var.mul_(1 - factor).add_((unbiased * factor).to(bn.running_var.dtype))
 
 
-def conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], cache: DerivedTensorCache):
-    """act(bn(conv(x))) on fastconv's ops, in the BatchNorm's own mode (see the module docstring)."""
+def conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], cache: DerivedTensorCache,
+                residual: Optional[torch.Tensor] = None, activation_after_residual: bool = False):  # fmt: skip
+    """act(bn(conv(x))) on fastconv's ops, in the BatchNorm's own mode (see the module docstring);
+    with a residual, act(bn(conv(x))) + residual, or act(bn(conv(x)) + residual) when
+    activation_after_residual (ResNet's order). In eval the residual is the conv's epilogue; in
+    training the add follows the one-pass BatchNorm as eager ops."""
     stride, padding, dilation = normalise_geometry(tuple(conv.weight.shape[2:]), conv.stride, conv.padding, conv.dilation)
+    after = activation_after_residual and residual is not None
     if not uses_batch_stats(bn):
         weight, shift = folded(cache, conv, bn)
-        x, weight, _ = autocast_inputs(x, weight, None)
-        return routed_conv2d_bn_act(x, weight, None, stride, padding, dilation, conv.groups, None, shift, activation)
+        x, weight, residual = autocast_inputs(x, weight, residual)
+        return routed_conv2d_bn_act(x, weight, None, stride, padding, dilation, conv.groups, None, shift, activation,
+                                    residual, after)  # fmt: skip
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         fail(f"x must be a 4-D tensor (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
     x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
@@ -82,7 +89,13 @@ def conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str
     count = c.shape[0] * c.shape[2] * c.shape[3]
     if bn.training and count == 1:
         fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    y = torch.ops.fastconv.batch_norm_act(c, mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, activation)
+    y = torch.ops.fastconv.batch_norm_act(c, mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias,
+                                          None if after else activation)  # fmt: skip
     if bn.training and bn.track_running_stats:
         update_running_stats(bn, mean, var, count)
-    return y
+    if residual is None:
+        return y
+    if residual.shape != y.shape:
+        fail(f"residual must have the output's shape {tuple(y.shape)}; got {tuple(residual.shape)}")
+    y = y + residual.to(y.dtype)
+    return apply_activation(y, activation) if after else y

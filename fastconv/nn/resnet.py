@@ -6,10 +6,10 @@ It keeps torchvision's attributes and state_dict keys (``conv1.weight``, ``bn1.*
 
 * **eval** (every BatchNorm in eval mode with running statistics): each conv runs with its
   BatchNorm folded into the weight and a shift (cached until a source tensor changes, as
-  ConvBNAct2d's fold) and its ReLU in the epilogue. The Bottleneck's last conv is 1x1, so it is
-  one `pointwise_conv2d` with the shortcut added before the ReLU (`activation_after_residual`,
-  ResNet's order): the sum never exists unactivated in memory. The BasicBlock's last conv is
-  3x3, which has no residual epilogue yet: conv + BN in one kernel, then the add and ReLU.
+  ConvBNAct2d's fold) and its ReLU in the epilogue. The last conv adds the shortcut before its
+  ReLU in its own epilogue (`activation_after_residual`, ResNet's order): the Bottleneck's 1x1
+  in the pointwise GEMM, the BasicBlock's 3x3 in the implicit GEMM. The sum never exists
+  unactivated in memory.
 * **train**: exact BatchNorm2d semantics through fastconv's unfused ops (`conv2d_batch_stats`,
   `batch_norm_act`), InvertedResidual's shared helper; then the add and ReLU.
 * A child swapped for another kind (a SyncBatchNorm under DDP, say): the children run as they
@@ -27,10 +27,7 @@ from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
 from fastconv.nn import _conv_bn
-from fastconv.nn.pointwise import is_pointwise
 from fastconv.nn.sequential import FusedSequential, fusable_runs
-from fastconv.ops._common import autocast_inputs
-from fastconv.ops.pointwise import pointwise_conv2d
 
 _KINDS = {"BasicBlock": 2, "Bottleneck": 3}
 
@@ -145,15 +142,10 @@ class ResNetBlock(nn.Module):
         out = x
         for (conv, bn), cache in zip(units[:-1], self._caches):
             out = _conv_bn.conv_bn_act(out, conv, bn, "relu", cache)
+        # relu(bn(conv(out)) + identity): in eval one kernel, the 1x1 GEMM (Bottleneck) or the
+        # implicit GEMM (BasicBlock's 3x3) adding the identity before its ReLU.
         (conv, bn), cache = units[-1], self._caches[-1]
-        if not _conv_bn.uses_batch_stats(bn) and is_pointwise(conv):
-            # Bottleneck in eval: relu(conv3(out) * scale + shift + identity) in one GEMM.
-            weight, shift = _conv_bn.folded(cache, conv, bn)
-            out, weight, identity = autocast_inputs(out, weight, identity)
-            return pointwise_conv2d(out, weight, None, shift=shift, activation="relu", residual=identity,
-                                    activation_after_residual=True)  # fmt: skip
-        out = _conv_bn.conv_bn_act(out, conv, bn, None, cache)
-        return torch.relu(out + identity)
+        return _conv_bn.conv_bn_act(out, conv, bn, "relu", cache, residual=identity, activation_after_residual=True)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

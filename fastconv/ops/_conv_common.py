@@ -54,11 +54,19 @@ def has_epilogue(scale, shift, activation) -> bool:
     return scale is not None or shift is not None or activation is not None
 
 
+def filled_scale_shift(scale, shift, channels: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale and shift for bn_act and its backward, which want both in one dtype: an absent one
+    is 1 or 0 in the given one's dtype (float32 when neither is given). A float64 shift alone
+    once became float32 here, which cost float64 gradients 1e-7 of relative precision."""
+    given = scale if scale is not None else shift
+    dtype = given.dtype if given is not None else torch.float32
+    scale = scale if scale is not None else torch.ones(channels, dtype=dtype, device=device)
+    shift = shift if shift is not None else torch.zeros(channels, dtype=dtype, device=device)
+    return scale, shift.to(scale.dtype)
+
+
 def epilogue_backward(grad_y, c, scale, shift, activation):
     """(grad_c, grad_scale, grad_shift) of y = act(c * scale + shift), through bn_act's backward;
     an absent scale or shift is 1 or 0."""
-    given = scale if scale is not None else shift
-    dtype = given.dtype if given is not None else torch.float32  # bn_act wants both in one dtype
-    scale_ = scale if scale is not None else torch.ones(c.shape[1], dtype=dtype, device=c.device)
-    shift_ = shift if shift is not None else torch.zeros_like(scale_)
-    return torch.ops.fastconv.bn_act_backward(grad_y, c, scale_, shift_, activation)
+    return torch.ops.fastconv.bn_act_backward(grad_y, c, *filled_scale_shift(scale, shift, c.shape[1], c.device),
+                                              activation)  # fmt: skip

@@ -1,6 +1,8 @@
 """fastconv::conv2d_bn_act: any 2-D convolution with a fused BatchNorm + activation epilogue.
 
     y = act((F.conv2d(x, weight, bias, stride, padding, dilation, groups) * scale + shift))
+    optionally + residual after the activation, or before it (ResNet's BasicBlock: the last
+    3x3 conv writes relu(bn(conv) + identity), so the sum never reaches memory unactivated)
 
 `conv2d_bn_act` routes each call to the kernel built for its shape:
 
@@ -46,11 +48,18 @@ from fastconv.ops._common import (
     check_like,
     contiguous_vectors,
     conv_output_size,
+    input_grads_wanted,
     may_overlap,
     refuse_float64_and_fp32_without_tf32,
     tensors_only,
 )
-from fastconv.ops._conv_common import convolution_backward, epilogue_backward, has_epilogue, in_layout
+from fastconv.ops._conv_common import (
+    convolution_backward,
+    epilogue_backward,
+    filled_scale_shift,
+    has_epilogue,
+    in_layout,
+)
 
 # Checks ---------------------------------------------------------------------------------------
 
@@ -78,9 +87,15 @@ def _check_conv(x, weight, bias, stride, padding, dilation, groups) -> tuple[int
     return size
 
 
-def _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation) -> tuple[int, int]:
+def _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation,
+                   residual=None) -> tuple[int, int]:  # fmt: skip
     size = _check_conv(x, weight, bias, stride, padding, dilation, groups)
     check_epilogue(scale, shift, activation, weight.shape[0], x)
+    if residual is not None:
+        check_like("residual", residual, x)
+        shape = (x.shape[0], weight.shape[0], *size)
+        if tuple(residual.shape) != shape:
+            fail(f"residual must have the output's shape {shape}; got {tuple(residual.shape)}")
     return size
 
 
@@ -95,30 +110,42 @@ def _stats_like(x, weight) -> torch.Tensor:
 # Backend implementations ------------------------------------------------------------------------
 
 _CONV = ("x", "weight", "bias", "stride", "padding", "dilation", "groups")
+_EPILOGUE = ("scale", "shift", "activation", "residual", "activation_after_residual")
 
 
-def _forward_cuda(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
-    out, _, _ = torch.ops.fastconv_cuda.conv_bn_act_forward(
+def _forward_cuda(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, residual,
+                  activation_after_residual):  # fmt: skip
+    if residual is None:
+        out, _, _ = torch.ops.fastconv_cuda.conv_bn_act_forward(
+            x, weight, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), False,
+            allow_tf32(),
+        )  # fmt: skip
+        return out
+    out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
+    torch.ops.fastconv_cuda.conv_bn_act_out(
         x, weight, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), False,
-        allow_tf32(),
+        allow_tf32(), residual, activation_after_residual, out,
     )  # fmt: skip
     return out
 
 
-def _forward_triton(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
+def _forward_triton(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, residual,
+                    activation_after_residual):  # fmt: skip
     from fastconv.triton_kernels.conv_bn_act import conv_bn_act_forward
 
     out = _new_output(x, weight, output_size(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride, padding, dilation))
     bias, scale, shift = contiguous_vectors(bias, scale, shift)
     out, _, _ = conv_bn_act_forward(
         x, weight, out, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), False,
-        allow_tf32(),
+        allow_tf32(), residual, activation_after_residual,
     )  # fmt: skip
     return out
 
 
-def _forward_torch(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
-    return in_layout(reference.conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation), x)
+def _forward_torch(*, x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, residual=None,
+                   activation_after_residual=False):  # fmt: skip
+    return in_layout(reference.conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation,
+                                      residual, activation_after_residual), x)  # fmt: skip
 
 
 def _gemm_stats_cuda(*, x, weight, bias, stride, padding, dilation, groups):
@@ -187,18 +214,24 @@ def conv2d_bn_act_op(
     scale: Optional[torch.Tensor],
     shift: Optional[torch.Tensor],
     activation: Optional[str],
+    residual: Optional[torch.Tensor] = None,
+    activation_after_residual: bool = False,
 ) -> torch.Tensor:
-    """The implicit-GEMM convolution with its epilogue; padding is (top, left, bottom, right)."""
+    """The implicit-GEMM convolution with its epilogue; padding is (top, left, bottom, right).
+    A residual (the output's shape) is added after the activation, or before it when
+    activation_after_residual."""
     args = (x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, scale, shift, activation)
-    size = _check_forward(*args)
+    size = _check_forward(*args, residual)
     if x.shape[0] == 0:
         return _new_output(x, weight, size)
-    return FORWARD(x.device, call_key(*args), **dict(zip(_CONV + ("scale", "shift", "activation"), args)))
+    after = bool(activation_after_residual) and residual is not None
+    return FORWARD(x.device, call_key(*args, residual, after), **dict(zip(_CONV + _EPILOGUE, args + (residual, after))))
 
 
 @conv2d_bn_act_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation):
-    size = _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation)
+def _(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, residual=None,
+      activation_after_residual=False):  # fmt: skip  (the schema's defaults)
+    size = _check_forward(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, residual)
     return _new_output(x, weight, size)
 
 
@@ -240,12 +273,20 @@ _FROM_OUTPUT = ("relu", "relu6")
 
 
 def _setup_forward(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, dilation, groups, scale, shift, activation = inputs
-    ctx.from_output = scale is None and shift is None and activation in _FROM_OUTPUT
-    kept = output if ctx.from_output else None
-    ctx.save_for_backward(x, weight, bias, scale, shift, kept)
+    x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, residual, after = inputs
+    after = bool(after) and residual is not None
+    # The activation's derivative comes from y when y is the activation's own output: with no
+    # residual, or with the residual added before it (relu'(z + r) == relu'(y)); with the residual
+    # after it, y is shifted by r and the activation's input is recomputed. The backward keeps y
+    # for that even with a scale and shift (an eval BatchNorm's, ResNet's BasicBlock): the add's
+    # input u = z + r is then never recomputed, only c when a scale or shift needs it.
+    ctx.from_output = activation in _FROM_OUTPUT and (residual is None and scale is None and shift is None or after)
+    kept_output = output if ctx.from_output else None
+    kept_residual = residual if after and not ctx.from_output and activation is not None else None
+    ctx.save_for_backward(x, weight, bias, scale, shift, kept_output, kept_residual)
     ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
     ctx.activation = activation
+    ctx.residual = (residual is not None, after)
     ctx.backend = get_backend()  # autograd's CUDA worker thread does not see use_backend()
 
 
@@ -278,26 +319,55 @@ def _conv_grads(ctx, grad_c, x, weight, bias, needs) -> tuple:
     return grad_x, grad_weight, (grad_bias if bias is not None and needs[2] else None)
 
 
-def _backward_forward(ctx, grad_y):
-    x, weight, bias, scale, shift, y = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_scale = grad_shift = None
-    with use_backend(ctx.backend):
-        grad_c = grad_y
+def _epilogue_grads(ctx, grad_y, x, weight, bias, scale, shift, y, residual) -> tuple:
+    """(grad_c, grad_scale, grad_shift, grad_residual) of the epilogue, c being the conv with
+    bias, recomputed only where the epilogue's derivative needs it."""
+    has_residual, after = ctx.residual
+    activation = ctx.activation
+
+    def conv():
+        return torch.ops.fastconv.conv2d_bn_act(x, weight, bias, *ctx.geometry, None, None, None)
+
+    if not after:
+        # act(z) (+ r): the residual's gradient is grad_y itself.
+        grad_residual = grad_y if has_residual else None
         if ctx.from_output:
-            grad_c, _, _ = epilogue_backward(grad_y, y, None, None, ctx.activation)
-        elif has_epilogue(scale, shift, ctx.activation):
-            c = torch.ops.fastconv.conv2d_bn_act(x, weight, bias, *ctx.geometry, None, None, None)
-            grad_c, grad_scale, grad_shift = epilogue_backward(grad_y, c, scale, shift, ctx.activation)
+            return epilogue_backward(grad_y, y, None, None, activation)[0], None, None, grad_residual
+        if not has_epilogue(scale, shift, activation):
+            return grad_y, None, None, grad_residual
+        return (*epilogue_backward(grad_y, conv(), scale, shift, activation), grad_residual)
+    # act(z + r): the activation's derivative at u = z + r first; u's gradient is r's.
+    c = None
+    if activation is None:
+        grad_u = grad_y
+    elif ctx.from_output:
+        grad_u = epilogue_backward(grad_y, y, None, None, activation)[0]
+    else:
+        c = conv()
+        u = torch.ops.fastconv.bn_act(c, *filled_scale_shift(scale, shift, c.shape[1], c.device), None) + residual
+        grad_u = epilogue_backward(grad_y, u, None, None, activation)[0]
+    if scale is None and shift is None:
+        return grad_u, None, None, grad_u
+    return (*epilogue_backward(grad_u, c if c is not None else conv(), scale, shift, None), grad_u)
+
+
+def _backward_forward(ctx, grad_y):
+    x, weight, bias, scale, shift, y, residual = ctx.saved_tensors
+    needs = input_grads_wanted(ctx, 12)
+    with use_backend(ctx.backend):
+        grad_c, grad_scale, grad_shift, grad_residual = _epilogue_grads(
+            ctx, grad_y, x, weight, bias, scale, shift, y, residual
+        )
         grad_x, grad_weight, grad_bias = _conv_grads(ctx, grad_c, x, weight, bias, needs)
     return (
         grad_x, grad_weight, grad_bias, None, None, None, None,
         grad_scale if needs[7] else None, grad_shift if needs[8] else None, None,
+        grad_residual if needs[10] else None, None,
     )  # fmt: skip
 
 
 conv2d_bn_act_op.register_autograd(_backward_forward, setup_context=_setup_forward)
-register_autocast(conv2d_bn_act_op, cast=("x", "weight", "bias"))
+register_autocast(conv2d_bn_act_op, cast=("x", "weight", "bias", "residual"))
 
 
 def _setup_stats(ctx, inputs, output) -> None:
@@ -337,7 +407,7 @@ def _into_cuda(*, x, weight, stride, padding, dilation, groups, compute_stats, o
     """The CUDA implicit GEMM's own store into `out` (its epilogue writes through out's strides)."""
     mean, var = torch.ops.fastconv_cuda.conv_bn_act_out(
         x, weight, bias, stride, padding, dilation, groups, scale, shift, activation_code(activation), compute_stats,
-        allow_tf32(), out,
+        allow_tf32(), None, False, out,
     )  # fmt: skip
     return (mean, var) if compute_stats else (None, None)
 
@@ -447,15 +517,27 @@ def route(in_channels: int, weight_shape: Sequence[int], stride, padding, groups
     return "gemm"
 
 
-def routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation) -> torch.Tensor:
+def routed_conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation,
+                         residual=None, activation_after_residual=False) -> torch.Tensor:  # fmt: skip
     """conv2d_bn_act with normalised arguments (padding as four numbers), on its kernel."""
     ops = torch.ops.fastconv
     kind = route(x.shape[1], weight.shape, stride, padding, groups) if x.dim() == 4 and weight.dim() == 4 else "gemm"
+    after = bool(activation_after_residual) and residual is not None
     if kind == "depthwise":
-        return ops.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, activation)
+        # The depthwise kernel has no residual epilogue (no model here asks for one): its
+        # BatchNorm fused, then the add and the activation as eager ops.
+        c = ops.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, None if after else activation)
+        if residual is None:
+            return c
+        check_like("residual", residual, x)
+        if residual.shape != c.shape:
+            fail(f"residual must have the output's shape {tuple(c.shape)}; got {tuple(residual.shape)}")
+        return reference.residual_epilogue(c, None, None, activation if after else None, residual, after)
     if kind == "pointwise":
-        return ops.pointwise_conv2d(x, weight, bias, scale=scale, shift=shift, activation=activation)
-    return ops.conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation)
+        return ops.pointwise_conv2d(x, weight, bias, scale=scale, shift=shift, activation=activation, residual=residual,
+                                    activation_after_residual=after)  # fmt: skip
+    return ops.conv2d_bn_act(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, residual,
+                             after)  # fmt: skip
 
 
 def conv2d_bn_act(
@@ -470,11 +552,15 @@ def conv2d_bn_act(
     scale: Optional[torch.Tensor] = None,
     shift: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    activation_after_residual: bool = False,
 ) -> torch.Tensor:
-    """A convolution with an optional fused BatchNorm (as scale/shift) and activation.
+    """A convolution with an optional fused BatchNorm (as scale/shift), activation and residual.
 
     Exactly ``F.conv2d(x, weight, bias, stride, padding, dilation, groups)``, then per output
-    channel ``act(y * scale + shift)`` when any of scale, shift, activation is given.
+    channel ``act(y * scale + shift)`` when any of scale, shift, activation is given, then
+    ``+ residual``; or ``act(y * scale + shift + residual)`` when activation_after_residual
+    (ResNet's order).
 
     Args:
         x: (N, C_in, H, W), NCHW, channels_last or any strided view; read in place.
@@ -485,6 +571,8 @@ def conv2d_bn_act(
         scale, shift: (C_out,) or None (1 and 0), in x's dtype or float32: an inference-mode
             BatchNorm, scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale.
         activation: None, "relu", "relu6", "silu" or "hardswish".
+        residual: None or a tensor of the output's shape in x's dtype, any strides. The implicit
+            GEMM and the 1x1 GEMM add it in their epilogue; a depthwise conv adds it after.
 
     Returns:
         (N, C_out, Ho, Wo) in x's dtype; channels_last when x's channels are innermost. Under
@@ -493,5 +581,6 @@ def conv2d_bn_act(
     tensors_only(x, weight)
     kernel = tuple(weight.shape[2:]) if weight.dim() == 4 else (1, 1)
     stride_, padding_, dilation_ = normalise_geometry(kernel, stride, padding, dilation)
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    return routed_conv2d_bn_act(x, weight, bias, stride_, padding_, dilation_, groups, scale, shift, activation)
+    x, weight, bias, residual = autocast_inputs(x, weight, bias, residual)
+    return routed_conv2d_bn_act(x, weight, bias, stride_, padding_, dilation_, groups, scale, shift, activation,
+                                residual, activation_after_residual)  # fmt: skip

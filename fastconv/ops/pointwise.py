@@ -40,6 +40,7 @@ from fastconv.ops._common import (
     refuse_float64_and_fp32_without_tf32,
     tensors_only,
 )
+from fastconv.ops._conv_common import filled_scale_shift
 
 # The epilogue and prologue arguments, in the schema's order after (x, weight).
 _EPILOGUE = (
@@ -313,17 +314,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.backend = get_backend()  # autograd's CUDA worker thread does not see use_backend()
 
 
-def _ones_zeros(scale, shift, channels, device):
-    """scale and shift for bn_act's backward, which wants both in one dtype: an absent one is 1
-    or 0 in the given one's dtype (float32 when neither is given). A float64 shift alone once
-    became float32 here, which cost float64 gradients 1e-7 of relative precision."""
-    given = scale if scale is not None else shift
-    dtype = given.dtype if given is not None else torch.float32
-    scale = scale if scale is not None else torch.ones(channels, dtype=dtype, device=device)
-    shift = shift if shift is not None else torch.zeros(channels, dtype=dtype, device=device)
-    return scale, shift.to(scale.dtype)
-
-
 def _epilogue_backward(grad_y, x, weight, bias, scale, shift, residual, options, in_scale, in_shift):
     """(grad_c, grad_scale, grad_shift, grad_residual), c being the conv output with bias."""
     activation, has_residual, after, in_activation = options
@@ -332,7 +322,7 @@ def _epilogue_backward(grad_y, x, weight, bias, scale, shift, residual, options,
         return grad_y, None, None, grad_y if has_residual else None
     ops = torch.ops.fastconv
     c = ops.pointwise_conv2d(x, weight, bias, in_scale=in_scale, in_shift=in_shift, in_activation=in_activation)
-    scale_, shift_ = _ones_zeros(scale, shift, weight.shape[0], x.device)
+    scale_, shift_ = filled_scale_shift(scale, shift, weight.shape[0], x.device)
     if not (after and has_residual):
         grad_c, grad_scale, grad_shift = ops.bn_act_backward(grad_y, c, scale_, shift_, activation)
         return grad_c, grad_scale, grad_shift, grad_y if has_residual else None
@@ -363,7 +353,7 @@ def _backward(ctx, grad_y):
             if in_scale is None and in_shift is None and in_activation is None:
                 grads["x"] = grad_a
             else:
-                in_scale_, in_shift_ = _ones_zeros(in_scale, in_shift, x.shape[1], x.device)
+                in_scale_, in_shift_ = filled_scale_shift(in_scale, in_shift, x.shape[1], x.device)
                 grads["x"], grads["in_scale"], grads["in_shift"] = ops.bn_act_backward(
                     grad_a, x, in_scale_, in_shift_, in_activation
                 )
