@@ -21,6 +21,9 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("nchw", "channels_last", "channel_slice", "spatial_slice")
+# The fuzz tests' inputs also come as expanded views (stride 0 over N and W), as `expand` and
+# broadcasting make them; outputs are never drawn so (the ops refuse an expanded out).
+FUZZ_LAYOUTS = LAYOUTS + ("expanded",)
 
 # The slack added to twice PyTorch's error, relative to the reference's largest magnitude:
 # about two units in the last place of each dtype. Triton 3.8's interpreter truncates float32
@@ -89,9 +92,12 @@ def random_tensor(
 
     channel_slice: channels 2..C+2 of a wider channels_last buffer (channel stride 1, pixel
     stride C+5), as DenseNet reads its concatenated features. spatial_slice: a crop of a larger
-    NCHW tensor, so that H and W do not merge into one stride.
+    NCHW tensor, so that H and W do not merge into one stride. expanded: one image and one
+    column repeated, `randn(1, C, H, 1).expand(N, C, H, W)` (strides 0 over N and W).
     """
     n, c, h, w = shape
+    if layout == "expanded":
+        return (torch.randn(1, c, h, 1, device=device) * scale).to(dtype).expand(n, c, h, w)
     if layout == "nchw":
         base = torch.randn(n, c, h, w, device=device)
     elif layout == "channels_last":

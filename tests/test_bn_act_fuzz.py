@@ -1,4 +1,5 @@
-"""bn_act on arbitrary strided views, drawn by hypothesis: any memory order, offsets, steps."""
+"""bn_act on arbitrary strided views, drawn by hypothesis: any memory order, offsets, steps,
+expanded (stride-0) dimensions."""
 
 from __future__ import annotations
 
@@ -9,25 +10,8 @@ from hypothesis import strategies as st
 
 import fastconv
 from fastconv.activations import ACTIVATION_CODES
+from fuzzing import strided_views
 from harness import DEVICE, assert_matches_reference, backends_under_test, poisoned_allocations, run_backend, seeded
-
-
-@st.composite
-def strided_views(draw):
-    """A builder of a 4-D view of a larger buffer whose dims lie in any memory order, with steps
-    and offsets."""
-    shape = [draw(st.integers(0 if i == 0 else 1, 6)) for i in range(4)]
-    order = draw(st.permutations(range(4)))  # memory order, outermost first
-    steps = [draw(st.sampled_from((1, 1, 2))) for _ in range(4)]
-    offsets = [draw(st.integers(0, 2)) for _ in range(4)]
-    buffer_shape = [offsets[d] + max(shape[d], 1) * steps[d] for d in order]
-    index = tuple(slice(offsets[d], offsets[d] + shape[d] * steps[d], steps[d]) for d in range(4))
-
-    def build():  # after seeding: the data comes from torch's generator, the geometry from hypothesis
-        buffer = torch.randn(buffer_shape, device=DEVICE) * 3
-        return buffer.permute([order.index(d) for d in range(4)])[index]  # back to (N, C, H, W)
-
-    return build
 
 
 FUZZ_BACKENDS = [p for p in backends_under_test() if p.values[0] != "cuda" or torch.cuda.is_available()]

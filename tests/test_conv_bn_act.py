@@ -324,6 +324,16 @@ def test_bad_input_is_named(function, pattern):
         function()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv2d_out_refuses_an_expanded_out(backend):
+    """An expanded out (stride 0) would take several pixels' results at one address, in a race:
+    refused by name, as PyTorch's out= ops do (the Triton kernel once stored into it silently)."""
+    x, weight = random_tensor((2, 4, 6, 6)), torch.randn(6, 4, 3, 3, device=DEVICE)
+    out = torch.zeros(2, 6, 1, 1, device=DEVICE).expand(2, 6, 6, 6)
+    with pytest.raises(ValueError, match=r"out must not be an expanded view .* strides \(6, 1, 0, 0\)"):
+        run_backend(backend, torch.ops.fastconv.conv2d_out, x, weight, (1, 1), (1, 1, 1, 1), (1, 1), 1, False, out)
+
+
 @pytest.mark.parametrize("backend", backends_under_test(batch_norm_ops.BACKWARD))
 def test_training_batch_norm_ops_opcheck(backend):
     c = random_tensor((2, 6, 5, 4), torch.float32, "channels_last")

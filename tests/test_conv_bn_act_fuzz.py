@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fastconv._geometry import output_size
 from fastconv.ops import conv_bn_act as conv_ops
-from harness import LAYOUTS, backends_under_test, run_backend, seeded
+from harness import FUZZ_LAYOUTS, backends_under_test, run_backend, seeded
 from test_conv_bn_act import make, run, with_residual
 
 FUZZ_BACKENDS = [p for p in backends_under_test(conv_ops.FORWARD) if p.values[0] != "cuda" or torch.cuda.is_available()]
@@ -30,12 +30,12 @@ FUZZ_BACKENDS = [p for p in backends_under_test(conv_ops.FORWARD) if p.values[0]
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
     padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-    layout=st.sampled_from(LAYOUTS),
+    layout=st.sampled_from(FUZZ_LAYOUTS),
     epilogue=st.booleans(),
     bias=st.booleans(),
     activation=st.sampled_from([None, "relu", "silu"]),
     residual=st.sampled_from([None, "before-activation", "after-activation"]),
-    residual_layout=st.sampled_from(LAYOUTS),
+    residual_layout=st.sampled_from(FUZZ_LAYOUTS),
 )
 def test_random_geometries_match_float64(
     backend, seed, batch, groups, channels_per_group, out_per_group, size, kernel, stride, dilation, padding, layout,

@@ -12,7 +12,7 @@ import fastconv
 from fastconv._geometry import output_size
 from harness import (
     DEVICE,
-    LAYOUTS,
+    FUZZ_LAYOUTS,
     assert_matches_reference,
     backends_under_test,
     poisoned_allocations,
@@ -32,7 +32,7 @@ def convolutions(draw):
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     padding = tuple(draw(st.integers(0, 3)) for _ in range(4))
     assume(min(output_size(shape[2:], kernel, stride, padding, dilation)) >= 1)
-    return shape, kernel, stride, padding, dilation, draw(st.integers(1, 3)), draw(st.sampled_from(LAYOUTS))
+    return shape, kernel, stride, padding, dilation, draw(st.integers(1, 3)), draw(st.sampled_from(FUZZ_LAYOUTS))
 
 
 @pytest.mark.parametrize("backend", FUZZ_BACKENDS)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastconv
-from harness import LAYOUTS, assert_matches_reference, mismatch_report, on_backend, random_tensor, seeded
+from harness import FUZZ_LAYOUTS, assert_matches_reference, mismatch_report, on_backend, random_tensor, seeded
 
 BACKENDS = ["torch", "triton"]
 ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
@@ -38,7 +38,7 @@ def _draw(data, train: bool):
     if not expand:
         acts[0] = None
     return dict(n=n, c_in=c_in, hidden=hidden, c_out=c_out, h=h, w=w, kernel=kernel, stride=stride, expand=expand,
-                residual=residual, acts=acts, layout=data.draw(st.sampled_from(LAYOUTS), "layout"),
+                residual=residual, acts=acts, layout=data.draw(st.sampled_from(FUZZ_LAYOUTS), "layout"),
                 fault=data.draw(st.sampled_from(FAULTS), "fault"))  # fmt: skip
 
 

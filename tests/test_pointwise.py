@@ -270,3 +270,6 @@ def test_out_overlapping_the_input_is_refused():
     fastconv.pointwise_conv2d(buffer[:, :6], weight, out=buffer[:, 6:10])  # adjacent slices are fine
     with pytest.raises(ValueError, match="out= is not differentiable"):
         fastconv.pointwise_conv2d(buffer[:, :6], weight.requires_grad_(), out=buffer[:, 6:10])
+    expanded = torch.zeros(2, 4, 1, 1).expand(2, 4, 5, 5)  # 25 pixels share each address
+    with pytest.raises(ValueError, match=r"out must not be an expanded view .* strides \(4, 1, 0, 0\)"):
+        fastconv.pointwise_conv2d(buffer[:, :6], weight.detach(), out=expanded)

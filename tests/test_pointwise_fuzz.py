@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastconv.ops import pointwise as pointwise_ops
-from harness import LAYOUTS, backends_under_test, seeded
+from harness import FUZZ_LAYOUTS, backends_under_test, seeded
 from test_pointwise import make, run
 
 FUZZ_BACKENDS = [p for p in backends_under_test(pointwise_ops.FORWARD) if p.values[0] != "cuda" or torch.cuda.is_available()]
@@ -20,7 +20,7 @@ FUZZ_BACKENDS = [p for p in backends_under_test(pointwise_ops.FORWARD) if p.valu
     seed=st.integers(0, 2**31 - 1),
     shape=st.tuples(st.integers(0, 2), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9)),
     out_channels=st.integers(1, 40),
-    layout=st.sampled_from(LAYOUTS),
+    layout=st.sampled_from(FUZZ_LAYOUTS),
     epilogue=st.booleans(),
     residual=st.booleans(),
     prologue=st.booleans(),

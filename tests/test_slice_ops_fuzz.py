@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fastconv
 from fastconv import reference
-from harness import LAYOUTS, mismatch_report, on_backend, random_tensor, seeded
+from harness import FUZZ_LAYOUTS, mismatch_report, on_backend, random_tensor, seeded
 
 BACKENDS = ["torch", "triton"]
 ARGUMENTS = re.compile(r"\b(x|weight|bias|scale|shift|activation|out|stride|padding|dilation|groups|compute_stats)\b")
@@ -38,7 +38,7 @@ def test_conv2d_out_random_cases(backend, data):
     epilogue = not stats and data.draw(st.booleans(), "epilogue")
     fault = data.draw(st.sampled_from([None, None, None, "out shape", "out dtype", "stats with epilogue"]), "fault")
     seeded(data.draw(st.integers(0, 2**31 - 1), "seed"))
-    x = random_tensor((n, c_in, h, w), torch.float32, data.draw(st.sampled_from(LAYOUTS), "layout"))
+    x = random_tensor((n, c_in, h, w), torch.float32, data.draw(st.sampled_from(FUZZ_LAYOUTS), "layout"))
     weight = torch.randn(c_out, c_in, k, k) / (c_in * k)
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     if ho < 1 or wo < 1:
@@ -88,7 +88,7 @@ def test_bn_act_avg_pool_random_cases(backend, data):
     activation = data.draw(st.sampled_from([None, "relu", "relu6", "silu"]), "activation")
     fault = data.draw(st.sampled_from([None, None, None, "scale length", "shift dtype"]), "fault")
     seeded(data.draw(st.integers(0, 2**31 - 1), "seed"))
-    x = random_tensor((n, c, h, w), torch.float32, data.draw(st.sampled_from(LAYOUTS), "layout"))
+    x = random_tensor((n, c, h, w), torch.float32, data.draw(st.sampled_from(FUZZ_LAYOUTS), "layout"))
     scale, shift = torch.rand(c) + 0.5, torch.randn(c)
     if fault == "scale length":
         scale = torch.rand(c + 1)

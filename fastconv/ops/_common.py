@@ -145,6 +145,16 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * tensor.element_size()
 
 
+def check_writable(name: str, tensor: torch.Tensor) -> None:
+    """An output an op writes in place must not repeat an element: an expanded view (a stride 0
+    over a dimension of size > 1) would have the kernels store several results into one address,
+    in a race, where PyTorch's own out= ops refuse it. (The rule PyTorch checks, and the only
+    overlap a stride inspection can decide cheaply.)"""
+    if any(size > 1 and stride == 0 for size, stride in zip(tensor.shape, tensor.stride())):
+        fail(f"{name} must not be an expanded view (several of its elements share one memory location); got shape "
+             f"{tuple(tensor.shape)} with strides {tensor.stride()}: pass a tensor of its own, e.g. {name}.clone()")
+
+
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors can share an element; exact for channel slices of one buffer.
 

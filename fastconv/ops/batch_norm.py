@@ -30,7 +30,7 @@ from fastconv._geometry import accumulate_dtype
 from fastconv._validation import check_channel_vector, check_same_device, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations, get_backend, use_backend
-from fastconv.ops._common import call_key, check_activation_input, contiguous_vectors, refuse_float64
+from fastconv.ops._common import call_key, check_activation_input, check_writable, contiguous_vectors, refuse_float64
 
 
 def _wide(c: torch.Tensor) -> torch.dtype:
@@ -231,6 +231,7 @@ def _check_accumulate(grad_y, c, mean, invstd, weight, bias, activation, grad_c)
         check_shape(t, name, c.shape)
         if t.dtype != c.dtype:
             fail(f"{name} must have c's dtype {c.dtype}; got {t.dtype}")
+    check_writable("grad_c", grad_c)
 
 
 @batch_norm_act_backward_accumulate_op.register_fake

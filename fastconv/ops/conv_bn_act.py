@@ -46,6 +46,7 @@ from fastconv.ops._common import (
     check_bias,
     check_epilogue,
     check_like,
+    check_writable,
     contiguous_vectors,
     conv_output_size,
     input_grads_wanted,
@@ -491,6 +492,7 @@ def _check_into(x, weight, size, out, real_tensors: bool = True) -> None:
     shape = (x.shape[0], weight.shape[0], *size)
     if tuple(out.shape) != shape:
         fail(f"out must have shape {shape}; got {tuple(out.shape)}")
+    check_writable("out", out)
     if real_tensors and out.device.type != "meta" and may_overlap(out, x):
         fail("out must not overlap x: the kernel would read what it has already written")
 

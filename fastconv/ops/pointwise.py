@@ -36,6 +36,7 @@ from fastconv.ops._common import (
     check_bias,
     check_epilogue,
     check_like,
+    check_writable,
     contiguous_vectors,
     refuse_float64_and_fp32_without_tf32,
     tensors_only,
@@ -73,6 +74,7 @@ def _check(x, weight, bias, scale, shift, activation, residual, in_scale, in_shi
 def _check_out(out: torch.Tensor, shape, x, weight, residual, real_tensors: bool = True) -> None:
     check_like("out", out, x)
     check_shape(out, "out", shape)
+    check_writable("out", out)
     if not real_tensors:
         return  # fake tensors have no addresses to compare
     for name, other in (("x", x), ("weight", weight), ("residual", residual)):
