@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import ON_GPU
+from harness import ON_GPU, assert_matches_reference
+from test_bn_act_pool import run_training, train_inputs, training_reference
 from test_dense_block import check_block
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")]
@@ -33,7 +34,7 @@ def test_transition_bn_act_pool_sanitizer_subset(dtype, layout):
     import torch.nn.functional as F
 
     import fastconv
-    from harness import assert_matches_reference, random_tensor
+    from harness import random_tensor
 
     x = random_tensor((4, 256, 15, 13), dtype, layout)
     scale, shift = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
@@ -42,3 +43,21 @@ def test_transition_bn_act_pool_sanitizer_subset(dtype, layout):
     want = F.avg_pool2d(F.relu(x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)), 2)
     yard = F.avg_pool2d(F.relu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)), 2)
     assert_matches_reference("y", y, want, yard, terms=4)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_transition_training_pool_sanitizer_subset(dtype):
+    """The training transition's one-pass BatchNorm (batch statistics) + ReLU + pool (Triton;
+    the pool has no CUDA kernel), forward and backward, at DenseNet121's first transition width
+    on an odd map, against float64 training BatchNorm with the 2x-PyTorch rule."""
+    c, weight, bias = train_inputs((4, 256, 15, 13), dtype, "channels_last")
+    y, grads, grad_y, leaves = run_training("triton", c, weight, bias, "silu")
+    torch.cuda.synchronize()
+    wide = [t.detach().double().requires_grad_(True) for t in leaves]
+    y64 = training_reference(*wide, "silu")
+    half = [t.detach().requires_grad_(True) for t in leaves]
+    yardstick = training_reference(*half, "silu")
+    assert_matches_reference("y", y, y64, yardstick, terms=4)
+    for name, got, want, plain in zip(("c", "weight", "bias"), grads, torch.autograd.grad(y64, wide, grad_y.double()),
+                                      torch.autograd.grad(yardstick, half, grad_y)):  # fmt: skip
+        assert_matches_reference(f"grad_{name}", got, want, plain, terms=4 * 15 * 13)

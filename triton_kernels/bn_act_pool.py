@@ -8,7 +8,8 @@ prologue-fused conv at full resolution wrote and the pool re-read a full-resolut
 
 A program owns BLOCK_P output pixels x BLOCK_C channels; each of the four window taps is one
 masked gather through x's strides (channels_last: BLOCK_C contiguous channels per pixel), the
-affine and activation in float32, the four summed in float32 and rounded once. Any layout in;
+affine and activation in float32 (float64 for float64 inputs: the gradchecks' and the
+interpreter's oracle), the four summed so and rounded once. Any layout in;
 the output is allocated by the caller (channels_last when x's channels are innermost).
 """
 
@@ -43,8 +44,10 @@ def _bn_act_avg_pool(
     P, C, HO, WO,  # P = N * HO * WO pooled pixels
     x_sn, x_sc, x_sh, x_sw,
     o_sn, o_sc, o_sh, o_sw,
-    ACTIVATION: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACTIVATION: tl.constexpr, INDEX_64: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    compute = tl.float64 if WIDE else tl.float32
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     if INDEX_64:
@@ -55,13 +58,13 @@ def _bn_act_avg_pool(
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < C
     mask = p_mask[:, None] & c_mask[None, :]
-    scale = tl.load(scale_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    shift = tl.load(shift_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    total = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    scale = tl.load(scale_ptr + cs, mask=c_mask, other=0.0).to(compute)[None, :]
+    shift = tl.load(shift_ptr + cs, mask=c_mask, other=0.0).to(compute)[None, :]
+    total = tl.zeros([BLOCK_P, BLOCK_C], dtype=compute)
     corner = n * x_sn + (2 * oh) * x_sh + (2 * ow) * x_sw
     for tap in range(4):
         rows = corner + (tap // 2) * x_sh + (tap % 2) * x_sw
-        v = tl.load(x_ptr + rows[:, None] + (cs * x_sc)[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + rows[:, None] + (cs * x_sc)[None, :], mask=mask, other=0.0).to(compute)
         total += apply_activation(v * scale + shift, ACTIVATION)
     o_offsets = (n * o_sn + oh * o_sh + ow * o_sw)[:, None] + (cs * o_sc)[None, :]
     tl.store(out_ptr + o_offsets, (total * 0.25).to(out_ptr.dtype.element_ty), mask=mask)
@@ -84,5 +87,6 @@ def bn_act_avg_pool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, a
     _bn_act_avg_pool[grid](
         x, scale, shift, out, P, C, HO, WO, *x.stride(), *out.stride(),
         ACTIVATION=int(activation), INDEX_64=needs_64bit_index([x, out], _INDEX_HEADROOM),
+        WIDE=x.dtype == torch.float64,
     )  # fmt: skip
     return out

@@ -251,8 +251,9 @@ class Transition(nn.Sequential):
 
     Eval: BatchNorm, ReLU and the pool in one pass (fastconv::bn_act_avg_pool: the pool commutes
     with the 1x1 conv, not with the ReLU), then the conv on a quarter of the pixels; with
-    gradients wanted, the BatchNorm and ReLU as the full-resolution conv's prologue, then the pool. Training: the one-pass BatchNorm + ReLU with batch statistics, the pool,
-    then the conv on a quarter of the pixels.
+    gradients wanted, the BatchNorm and ReLU as the full-resolution conv's prologue, then the
+    pool. Training: the BatchNorm with batch statistics, ReLU and pool in one differentiable pass
+    (fastconv::batch_norm_act_avg_pool), then the conv on a quarter of the pixels.
     """
 
     __prepare_scriptable__ = _fx.refuse_torchscript
@@ -324,9 +325,13 @@ class Transition(nn.Sequential):
         count = x.shape[0] * x.shape[2] * x.shape[3]
         if bn.training and count == 1:
             fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        # Detached: batch_norm_act's backward differentiates through the statistics itself.
+        # Detached: the BatchNorm ops' backward differentiates through the statistics itself.
         mean, var = ops.batch_norm_stats(x.detach())
-        a = ops.batch_norm_act(x, mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, "relu")
+        invstd = torch.rsqrt(var + bn.eps)
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean, var, count)
-        return ops.pointwise_conv2d(F.avg_pool2d(a, 2, 2), weight)
+        if x.shape[2] >= 2 and x.shape[3] >= 2:
+            # BN -> ReLU -> pool in one pass: the full-resolution activation is never written.
+            return ops.pointwise_conv2d(ops.batch_norm_act_avg_pool(x, mean, invstd, bn.weight, bn.bias, "relu"), weight)
+        a = ops.batch_norm_act(x, mean, invstd, bn.weight, bn.bias, "relu")
+        return ops.pointwise_conv2d(F.avg_pool2d(a, 2, 2), weight)  # too small to pool: torch's error

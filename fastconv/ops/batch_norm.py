@@ -37,7 +37,9 @@ def _wide(c: torch.Tensor) -> torch.dtype:
     return accumulate_dtype(c.dtype)
 
 
-def _check(c, mean, invstd, weight, bias, activation) -> None:
+def check_batch_norm_arguments(c, mean, invstd, weight, bias, activation) -> None:
+    """c, its batch statistics and the affine parameters, as the training BatchNorm's ops take
+    them; shared with batch_norm_act_avg_pool (DenseNet's transition, bn_act_pool.py)."""
     check_activation_input(c, "c")
     channels = c.shape[1]
     for name, stats in (("mean", mean), ("invstd", invstd)):
@@ -155,7 +157,7 @@ def batch_norm_act_op(
     bias: Optional[torch.Tensor],
     activation: Optional[str],
 ) -> torch.Tensor:
-    _check(c, mean, invstd, weight, bias, activation)
+    check_batch_norm_arguments(c, mean, invstd, weight, bias, activation)
     scale, shift = batch_norm_scale_shift(mean, invstd, weight, bias)
     if c.dtype != torch.float64:
         scale, shift = scale.float(), shift.float()
@@ -164,7 +166,7 @@ def batch_norm_act_op(
 
 @batch_norm_act_op.register_fake
 def _(c, mean, invstd, weight, bias, activation):
-    _check(c, mean, invstd, weight, bias, activation)
+    check_batch_norm_arguments(c, mean, invstd, weight, bias, activation)
     return torch.empty_like(c)
 
 
@@ -179,7 +181,7 @@ def batch_norm_act_backward_op(
     activation: Optional[str],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_c, grad_weight, grad_bias); the parameter grads in the statistics' precision."""
-    _check(c, mean, invstd, weight, bias, activation)
+    check_batch_norm_arguments(c, mean, invstd, weight, bias, activation)
     check_same_device("grad_y", grad_y, "c", c)
     check_shape(grad_y, "grad_y", c.shape)
     if grad_y.dtype != c.dtype:
@@ -195,7 +197,7 @@ def batch_norm_act_backward_op(
 
 @batch_norm_act_backward_op.register_fake
 def _(grad_y, c, mean, invstd, weight, bias, activation):
-    _check(c, mean, invstd, weight, bias, activation)
+    check_batch_norm_arguments(c, mean, invstd, weight, bias, activation)
     wide = _wide(c)
     return torch.empty_like(c), c.new_empty(c.shape[1], dtype=wide), c.new_empty(c.shape[1], dtype=wide)
 
@@ -225,7 +227,7 @@ def batch_norm_act_backward_accumulate_op(
 
 
 def _check_accumulate(grad_y, c, mean, invstd, weight, bias, activation, grad_c) -> None:
-    _check(c, mean, invstd, weight, bias, activation)
+    check_batch_norm_arguments(c, mean, invstd, weight, bias, activation)
     for name, t in (("grad_y", grad_y), ("grad_c", grad_c)):
         check_same_device(name, t, "c", c)
         check_shape(t, name, c.shape)
