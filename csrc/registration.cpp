@@ -54,6 +54,11 @@ TORCH_LIBRARY(fastconv_cuda, m) {
       " bool compute_stats, bool allow_tf32, Tensor? residual, bool activation_after_residual,"
       " Tensor(a!) out) -> (Tensor, Tensor)");
 
+  // bn_act_avg_pool: DenseNet's transition, BatchNorm -> activation -> 2x2 average pool in one
+  // pass, written into `out` (bn_act_pool.cu).
+  m.def(
+      "bn_act_avg_pool(Tensor x, Tensor scale, Tensor shift, int activation, Tensor(a!) out) -> ()");
+
   // batch_norm: the training BatchNorm's statistics and backward (batch_norm.cu).
   m.def("batch_norm_stats(Tensor c) -> (Tensor, Tensor)");
   m.def(

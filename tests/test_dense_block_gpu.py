@@ -28,9 +28,10 @@ def test_dense_block_sanitizer_subset(backend, dtype, train):
 
 @pytest.mark.parametrize("layout", ["channels_last", "channel_slice", "nchw"])
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_transition_bn_act_pool_sanitizer_subset(dtype, layout):
-    """The transition's one-pass BatchNorm + ReLU + 2x2 pool (Triton) at DenseNet121's first
-    transition width on an odd map, against float64 with the 2x-PyTorch rule."""
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_transition_bn_act_pool_sanitizer_subset(backend, dtype, layout):
+    """The transition's one-pass BatchNorm + ReLU + 2x2 pool at DenseNet121's first transition
+    width on an odd map, against float64 with the 2x-PyTorch rule."""
     import torch.nn.functional as F
 
     import fastconv
@@ -38,7 +39,7 @@ def test_transition_bn_act_pool_sanitizer_subset(dtype, layout):
 
     x = random_tensor((4, 256, 15, 13), dtype, layout)
     scale, shift = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
-    with fastconv.use_backend("triton"):
+    with fastconv.use_backend(backend):
         y = fastconv.bn_act_avg_pool(x, scale, shift, "relu")
     want = F.avg_pool2d(F.relu(x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)), 2)
     yard = F.avg_pool2d(F.relu(x * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)), 2)
@@ -46,12 +47,13 @@ def test_transition_bn_act_pool_sanitizer_subset(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_transition_training_pool_sanitizer_subset(dtype):
-    """The training transition's one-pass BatchNorm (batch statistics) + ReLU + pool (Triton;
-    the pool has no CUDA kernel), forward and backward, at DenseNet121's first transition width
-    on an odd map, against float64 training BatchNorm with the 2x-PyTorch rule."""
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_transition_training_pool_sanitizer_subset(backend, dtype):
+    """The training transition's one-pass BatchNorm (batch statistics) + ReLU + pool, forward and
+    backward, at DenseNet121's first transition width on an odd map, against float64 training
+    BatchNorm with the 2x-PyTorch rule."""
     c, weight, bias = train_inputs((4, 256, 15, 13), dtype, "channels_last")
-    y, grads, grad_y, leaves = run_training("triton", c, weight, bias, "silu")
+    y, grads, grad_y, leaves = run_training(backend, c, weight, bias, "silu")
     torch.cuda.synchronize()
     wide = [t.detach().double().requires_grad_(True) for t in leaves]
     y64 = training_reference(*wide, "silu")

@@ -164,6 +164,14 @@ def conv_bn_act_out_with_residual(dtype, layout):
     )
 
 
+def bn_act_avg_pool(dtype, layout):
+    """DenseNet's transition pool into the output fastconv::bn_act_avg_pool's fake allocates."""
+    x, s = meta((2, 6, 9, 7), dtype, layout), vector(6)
+    out = fake.bn_act_avg_pool(x, s, s, "relu")
+    assert cuda.bn_act_avg_pool(x, s, s, 1, out) is None
+    return out, fake.bn_act_avg_pool(x, s, s, "relu")
+
+
 def batch_norm_stats(dtype, layout):
     c = meta((2, 6, 5, 7), dtype, layout)
     return cuda.batch_norm_stats(c), fake.batch_norm_stats(c)
@@ -203,6 +211,7 @@ CASES = {
     conv_bn_act_forward_with_stats: "conv_bn_act_forward",
     conv_bn_act_out: "conv_bn_act_out",
     conv_bn_act_out_with_residual: "conv_bn_act_out",
+    bn_act_avg_pool: "bn_act_avg_pool",
     batch_norm_stats: "batch_norm_stats",
     batch_norm_act_backward: "batch_norm_act_backward",
     batch_norm_act_backward_accumulate: "batch_norm_act_backward_accumulate",
@@ -228,3 +237,17 @@ def test_cuda_backend_is_built_and_waits_for_a_device():
     assert status.available == torch.cuda.is_available()
     if not status.available:
         assert status.reason == "no CUDA device is visible to torch"
+
+
+@pytest.mark.parametrize("out_shape, out_dtype, expanded, pattern", [
+    ((2, 6, 4, 4), torch.float16, False, r"'out' must be of shape \(2, 6, 4, 3\), but got shape \[2, 6, 4, 4\]"),
+    ((2, 6, 4, 3), torch.float32, False, r"'out' must be x's dtype \(Half\), but got Float"),
+    ((2, 6, 4, 3), torch.float16, True, r"'out' must be a tensor whose elements do not overlap one another, but got strides \[0, 1, 0, 0\]"),
+], ids=["shape", "dtype", "expanded"])  # fmt: skip
+def test_bn_act_avg_pool_checks_name_the_argument(out_shape, out_dtype, expanded, pattern):
+    x, s = meta((2, 6, 9, 7), torch.float16), vector(6)
+    out = torch.empty(1, 6, 1, 1, dtype=out_dtype, device="meta").expand(out_shape) if expanded else meta(out_shape, out_dtype)
+    with pytest.raises(RuntimeError, match=pattern):
+        cuda.bn_act_avg_pool(x, s, s, 1, out)
+    with pytest.raises(RuntimeError, match=r"'x' must be at least 2x2 for a 2x2 pool, but got shape \[2, 6, 1, 7\]"):
+        cuda.bn_act_avg_pool(meta((2, 6, 1, 7), torch.float16), s, s, 1, meta((2, 6, 0, 3), torch.float16))

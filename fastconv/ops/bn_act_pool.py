@@ -24,7 +24,8 @@ writes the full-resolution activation and the pool reads it back: 2 C elements a
 Counted (benchmarks/traffic.py, batch 256, fp16): DenseNet-121's training step 78.96 -> 77.52 GB,
 the 1.44 GB being 2 C at its three transitions; DenseNet-201's 111.19 -> 109.60 GB.
 
-Backends: triton (triton_kernels/bn_act_pool.py) and torch (the reference); no cuda kernel.
+Backends: cuda (csrc/bn_act_pool.cu), triton (triton_kernels/bn_act_pool.py) and torch (the
+reference).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from fastconv._validation import check_channel_vector, check_same_dtype, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations
 from fastconv.ops._autocast import register_autocast
-from fastconv.ops._common import call_key, check_activation_input, contiguous_vectors
+from fastconv.ops._common import call_key, check_activation_input, contiguous_vectors, refuse_float64
 from fastconv.ops.batch_norm import check_batch_norm_arguments
 
 
@@ -58,6 +59,11 @@ def _check(x, scale, shift, activation) -> tuple:
     return (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
 
 
+def _forward_cuda(*, x, scale, shift, activation, out):
+    torch.ops.fastconv_cuda.bn_act_avg_pool(x, scale, shift, activation_code(activation), out)
+    return out
+
+
 def _forward_triton(*, x, scale, shift, activation, out):
     from fastconv.triton_kernels.bn_act_pool import bn_act_avg_pool
 
@@ -70,6 +76,7 @@ def _forward_torch(*, x, scale, shift, activation, out):
 
 
 FORWARD = OpImplementations("bn_act_avg_pool")
+FORWARD.register("cuda", _forward_cuda, refuse_float64("x"))
 FORWARD.register("triton", _forward_triton)
 FORWARD.register("torch", _forward_torch)
 
