@@ -297,3 +297,38 @@ def test_inverted_residual_forward_checks_name_the_argument():
         call(dw_shape=(24, 3, 3))
     with pytest.raises(RuntimeError, match=r"'x' must be few enough input channels for a tile's 9x9 window in 98304 bytes"):
         call(c_in=320, c_hid=320)
+
+
+@pytest.mark.parametrize("c_in, c_hid, c_out, stride, k, fits", [
+    (160, 960, 320, 1, 3, True),  # MobileNetV2's widest blocks
+    (96, 576, 160, 2, 3, True),
+    (32, 32, 16, 1, 3, True),
+    (256, 256, 256, 2, 3, True),  # MobileNetV1's up to 256 channels
+    (512, 512, 512, 1, 3, False),  # 512 output channels: over the accumulators' 384
+    (320, 320, 320, 2, 3, False),  # a 9x9 window of 320 channels: 103 KB of shared memory
+    (64, 384, 384, 1, 5, True),
+    (64, 384, 385, 1, 3, False),
+    (8, 16, 8, 5, 3, False),  # stride 5
+])  # fmt: skip
+def test_inverted_residual_cuda_routing_mirrors_the_kernel_s_limits(c_in, c_hid, c_out, stride, k, fits):
+    """fastconv::inverted_residual sends a block to the CUDA kernel exactly when the kernel's
+    own checks accept it (its Python mirror of the C++ limits), so `auto` never times a call that
+    would raise and an explicit cuda backend says why before launching."""
+    from fastconv.ops.inverted_residual import _cuda_supports
+
+    x = meta((2, c_in, 15, 15), torch.float16)
+    weights = {"expand_weight": torch.empty(c_hid, c_in, 1, 1, dtype=torch.float16, device="meta"),
+               "dw_weight": torch.empty(c_hid, 1, k, k, dtype=torch.float16, device="meta"),
+               "project_weight": torch.empty(c_out, c_hid, 1, 1, dtype=torch.float16, device="meta")}  # fmt: skip
+    geometry = {"stride": (stride, stride), "padding": (k // 2,) * 4, "dilation": (1, 1)}
+    routed = _cuda_supports(x=x, **weights, **geometry) is None
+    out = meta((2, c_out, (15 + 2 * (k // 2) - k) // stride + 1, (15 + 2 * (k // 2) - k) // stride + 1), torch.float16)
+    try:
+        cuda.inverted_residual_forward(x, weights["expand_weight"].view(c_hid, c_in), None,
+                                       weights["dw_weight"].view(c_hid, k * k), None,
+                                       weights["project_weight"].view(c_out, c_hid), None, [k, k], stride,
+                                       [k // 2, k // 2], 1, 2, 2, 0, None, out)  # fmt: skip
+        accepted = True
+    except RuntimeError:
+        accepted = False
+    assert routed == accepted == fits

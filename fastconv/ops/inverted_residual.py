@@ -175,10 +175,13 @@ def _cuda_supports(**arguments) -> Optional[str]:
     why = _triton_supports(**arguments)
     if why is not None:
         return why.replace("its fused kernel", "its CUDA kernel")
+    (kh, kw), stride, dilation = arguments["dw_weight"].shape[2:], arguments["stride"][0], arguments["dilation"][0]
+    if stride > 4 or dilation > 4 or max(kh, kw) > 15 or max(arguments["padding"][:2]) > 64:
+        return (f"its CUDA kernel takes strides and dilations up to 4, windows up to 15x15 and paddings up to 64; "
+                f"got stride {stride}, dilation {dilation}, a {kh}x{kw} window, padding {list(arguments['padding'])}")
     c_out = arguments["project_weight"].shape[0]
     if c_out > _CUDA_MAX_OUT:
         return f"its CUDA kernel takes up to {_CUDA_MAX_OUT} output channels; got {c_out}"
-    (kh, kw), stride, dilation = arguments["dw_weight"].shape[2:], arguments["stride"][0], arguments["dilation"][0]
     window = ((4 - 1) * stride + (kh - 1) * dilation + 1) * ((4 - 1) * stride + (kw - 1) * dilation + 1)
     needed = (window * arguments["x"].shape[1] + window * 32 + 16 * 32) * 4
     if needed > _CUDA_MAX_SHARED:
