@@ -185,7 +185,11 @@ def _fused_block(
             we_sh, we_sk, wd_sh, wd_st, KH, KW, DILATION, HAS_EXPAND, HAS_BE, ACT_E, TF32, BLOCK_P, BLOCK_H, BLOCK_K,
         )  # fmt: skip
         d = apply_activation(d + _bias(bd_ptr, hs, h_mask, HAS_BD, BLOCK_H)[None, :], ACT_D)
-        # Masked hidden rows of the projection weight are zero: d's masked columns add nothing.
+        # d's masked hidden columns zeroed, not just met by the projection weight's zero rows:
+        # an Inf in x makes them NaN (Inf times the expansion weight's zero padding columns),
+        # and NaN * 0 would spread NaN to every output of the pixel (seen: an Inf pixel's whole
+        # 3x3 neighbourhood NaN where PyTorch's relu6 gives 6).
+        d = tl.where(h_mask[None, :], d, 0.0)
         wp = tl.load(wp_ptr + (hs * wp_sh)[:, None] + (cos * wp_so)[None, :],
                      mask=h_mask[:, None] & co_mask[None, :], other=0.0)
         acc = _dot(d.to(dot_dtype), wp.to(dot_dtype), acc, TF32)
