@@ -43,7 +43,7 @@ import torch.nn.functional as F
 COPY_BYTES_PER_S = 4.3e12
 MATMUL_FLOPS_PER_S = 790e12
 
-MODELS = ("mobilenet_v2", "mobilenet_v1", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn", "alexnet",
+MODELS = ("mobilenet_v2", "mobilenet_v1", "resnet18", "resnet50", "densenet121", "densenet169", "densenet201", "vgg16_bn", "alexnet",
           "vgg16", "googlenet", "inception_v3")  # fmt: skip
 # A model's own image side where it is not 224 (on a GPU or with --traffic), and its smallest
 # where the CPU default of 64 is too small; --size overrides both.
