@@ -319,6 +319,24 @@ def test_a_swapped_batchnorm_runs_unfused():
         torch.testing.assert_close(fused.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["Inception", "InceptionA", "InceptionE"])
+def test_from_torchvision_shares_parameters_and_leaves_the_block_as_it_was(kind):
+    """The torchvision block keeps its own children (GoogLeNet's branch Sequentials included) and
+    still computes what it did; the fused block shares every parameter and buffer."""
+    reference, x = block(kind)
+    before = {name: type(m) for name, m in reference.named_modules()}
+    with torch.no_grad():
+        want = reference.eval()(x)
+    fused = InceptionBlock.from_torchvision(reference)
+    assert {name: type(m) for name, m in reference.named_modules()} == before
+    assert {id(t) for t in fused.state_dict(keep_vars=True).values()} == {
+        id(t) for t in reference.state_dict(keep_vars=True).values()}  # fmt: skip
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(fused.eval()(x), want, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_input_names_the_argument():
     reference, x = block("InceptionA")
     fused = InceptionBlock.from_torchvision(copy.deepcopy(reference))

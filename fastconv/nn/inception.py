@@ -24,6 +24,7 @@ Each block's dataflow is written out in SPECS, read from torchvision 0.2x's forw
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -232,13 +233,22 @@ class InceptionBlock(nn.Module):
         if not is_torchvision_inception(block):
             fail(f"block must be torchvision's Inception or InceptionA..E with BasicConv2d branches; got "
                  f"{type(block).__module__}.{type(block).__name__}")  # fmt: skip
+        # The block itself is left as it was: its children are shared, and a branch Sequential
+        # whose conv is swapped is a shallow copy (same children, parameters shared).
+        children = dict(block._modules)
         for name, _source in SPECS[type(block).__name__][0]:
             if name in _POOLS or name == "branch4.0":
                 continue
             parent, _, leaf = name.rpartition(".")
-            holder = block.get_submodule(parent) if parent else block
-            setattr(holder, leaf, _basic_conv(getattr(holder, leaf)))
-        fused = cls(type(block).__name__, dict(block._modules))
+            if not parent:
+                children[leaf] = _basic_conv(children[leaf])
+                continue
+            if children[parent] is block._modules[parent]:
+                branch = copy.copy(children[parent])
+                branch._modules = dict(branch._modules)
+                children[parent] = branch
+            children[parent]._modules[leaf] = _basic_conv(children[parent]._modules[leaf])
+        fused = cls(type(block).__name__, children)
         fused.train(block.training)
         return fused
 
