@@ -443,7 +443,7 @@ def main(argv=None) -> int:
             print(f"{name} {mode} batch {row['batch']} {row['size']}px {row['dtype']}: eager ops move "
                   f"{row['eager_bytes'] / 1e9:.3f} GB, fastconv's {row['fastconv_bytes'] / 1e9:.3f} GB "
                   f"({row['ratio']:.2f}x less); {row['flops'] / 1e9:.1f} GFLOP", flush=True)  # fmt: skip
-        _write(os.path.join(out, "traffic.json"), rows)
+        _write(os.path.join(out, "traffic.json"), _merged(os.path.join(out, "traffic.json"), rows))
         return 0
     if device == "cpu":
         print("*** CPU RUN: no CUDA device. The timings check that the command works, not kernel speed. ***")
@@ -467,6 +467,22 @@ def main(argv=None) -> int:
     png = plot(results, os.path.join(out, "bench.png"))
     print(f"wrote {out}/bench.json" + (f" and {png}" if png else ""))
     return 1 if any(r.error for r in results if r.variant == "fastconv") else 0
+
+
+_ROW_KEY = ("model", "mode", "batch", "size", "dtype")
+
+
+def _merged(path: str, rows: list[dict]) -> list[dict]:
+    """rows in place of the same (model, mode, batch, size, dtype) rows of the file at path, the
+    others kept: `--traffic --model X` refreshes X's rows without dropping the other models'."""
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        kept = []
+    fresh = {tuple(row[k] for k in _ROW_KEY): row for row in rows}
+    merged = [fresh.pop(tuple(row.get(k) for k in _ROW_KEY), row) for row in kept if isinstance(row, dict)]
+    return merged + list(fresh.values())
 
 
 def _write(path: str, rows) -> None:

@@ -61,8 +61,11 @@ def test_fused_training_forward_is_counted_by_its_passes():
 
 
 def test_traffic_of_a_model(tmp_path):
+    other = dict(model="resnet50", mode="train", batch=256, size=224, dtype="fp16", eager_bytes=1, fastconv_bytes=1)
+    (tmp_path / "traffic.json").write_text(json.dumps([other]))
     assert bench.main(["--traffic", "--model", "mobilenet_v2", "--out", str(tmp_path)]) == 0
-    (row,) = json.loads((tmp_path / "traffic.json").read_text())
+    kept, row = json.loads((tmp_path / "traffic.json").read_text())
+    assert kept == other  # another model's row is kept, not overwritten
     assert (row["batch"], row["size"], row["dtype"]) == (256, 224, "fp16")  # counted on meta: full size anywhere
     # The fused blocks' traffic is their inputs and outputs (about 1.1 GB at batch 256, fp16).
     assert 1.0e9 < row["fastconv_bytes"] < 1.3e9 and row["ratio"] > 10
