@@ -75,6 +75,19 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+@torch.no_grad()
+def randomise_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random running statistics and affine parameters for every BatchNorm2d of model (fresh
+    ones are the identity, which would let a wrong fold or a missing BatchNorm go unseen), from
+    torch's generator: the benchmarks' eager models and their fastconv twins see the same ones."""
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.2)
+    return model
+
+
 def build(name: str, device, channels_last: bool) -> torch.nn.Module:
     """The eager model: torchvision's (fastconv's plain-layer MobileNetV1 for mobilenet_v1, which
     torchvision lacks), random weights and random BatchNorm statistics (no download)."""
@@ -89,12 +102,8 @@ def build(name: str, device, channels_last: bool) -> torch.nn.Module:
         # No auxiliary heads (a training step's loss is the logits'); init_weights: torchvision's own, without its warning.
         options = dict(aux_logits=False, init_weights=True) if name in ("googlenet", "inception_v3") else {}
         model = getattr(torchvision.models, name)(weights=None, **options)
+    randomise_batch_norms(model)
     with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.normal_(0, 0.2)
-            bn.running_var.uniform_(0.5, 1.5)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.2)
         if name == "inception_v3":
             # torchvision's init (truncated normal, std 0.1, for every conv) under running statistics
             # that do not normalise grows the activations to 1e14 at 299x299 (measured): inf in

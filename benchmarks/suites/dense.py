@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastconv.bench import randomise_batch_norms
+
 from ..common import backends_to_run, short_error, time_call
 from . import Suite, register
 
@@ -75,13 +77,7 @@ def _models(case: Case, device):
         config = dict(growth_rate=8, block_config=CPU_BLOCKS, num_init_features=16, num_classes=10)
     else:
         config = dict(growth_rate=32, block_config=DEPTHS[case.model], num_init_features=64, num_classes=1000)
-    naive = torchvision.models.DenseNet(**config)
-    with torch.no_grad():
-        for bn in (m for m in naive.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.normal_(0, 0.2)
-            bn.running_var.uniform_(0.5, 1.5)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.2)
+    naive = randomise_batch_norms(torchvision.models.DenseNet(**config))
     checkpointed = torchvision.models.DenseNet(**config, memory_efficient=True)
     checkpointed.load_state_dict(naive.state_dict())
     ours = fastconv.models.DenseNet(config["growth_rate"], config["block_config"], config["num_init_features"], 4,

@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fastconv.bench import randomise_batch_norms
+
 from ..common import DTYPES, backends_to_run, baseline_records, short_error, time_call, tolerance
 from ..timing import Rotation, rotation_count, synchronize
 from . import Suite, register
@@ -93,13 +95,7 @@ def _torchvision_block(block: Block, device, dtype):
     from torchvision.models.mobilenetv2 import InvertedResidual
 
     torch.manual_seed(0)
-    module = InvertedResidual(block.c_in, block.c_out, block.stride, block.ratio)
-    with torch.no_grad():
-        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.normal_(0, 0.2)
-            bn.running_var.uniform_(0.5, 1.5)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.2)
+    module = randomise_batch_norms(InvertedResidual(block.c_in, block.c_out, block.stride, block.ratio))
     return module.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
 
 
