@@ -129,6 +129,29 @@ def test_optimize_matches_in_eval_and_train_with_gradients(name):
         torch.testing.assert_close(buffers[key], buffer, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "googlenet"])
+def test_frozen_batch_norms_stay_frozen(name):
+    """Fine-tuning with frozen BatchNorms (detection backbones: model.train(), every BatchNorm
+    .eval()): the optimised model keeps each BatchNorm's own mode, so it computes what the
+    original does, running statistics untouched. A fused block's train(mode) once reset them."""
+    original = build(name).train()
+    for bn in (m for m in original.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.eval()
+    optimized = fastconv.optimize(original)
+    assert optimized.training
+    modes = {key: m.training for key, m in optimized.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert modes and not any(modes.values()), [key for key, mode in modes.items() if mode]
+    before = {key: b.clone() for key, b in optimized.named_buffers()}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same dropout masks (MobileNetV2's and GoogLeNet's classifiers)
+        got = optimized(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, original(x), rtol=1e-4, atol=1e-4)
+    for key, buffer in optimized.named_buffers():
+        assert torch.equal(buffer, before[key]), f"{key} changed: a frozen BatchNorm updated its statistics"
+
+
 @pytest.mark.parametrize("name, counts", [
     ("mobilenet_v2", {InvertedResidual: 17, ConvBNAct2d: 35}),
     ("resnet50", {ResNetBlock: 16, ConvBNAct2d: 4, FusedConv2d: 1, FoldedBatchNorm2d: 1}),

@@ -173,3 +173,24 @@ def test_timm_inverted_residual_on_the_triton_kernel():
     with torch.no_grad(), fastconv.use_backend("triton"):
         want = block(x)
         torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "resnet50", "densenet121", "mobilenetv1_100"])
+def test_frozen_batch_norms_stay_frozen(name):
+    """timm's BatchNormAct2d become plain BatchNorms sharing their state: each keeps the frozen
+    (eval) mode of the one it stands for inside a training model, and the model computes what
+    timm's does, its running statistics untouched."""
+    original = build(name).train()
+    for bn in (m for m in original.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.eval()
+    optimized = fastconv.optimize(original)
+    modes = {key: m.training for key, m in optimized.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert optimized.training and modes and not any(modes.values()), [key for key, mode in modes.items() if mode]
+    before = {key: b.clone() for key, b in optimized.named_buffers()}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = optimized(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, original(x), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(b, before[key]) for key, b in optimized.named_buffers())

@@ -28,6 +28,7 @@ from torch import nn
 from fastconv._geometry import positive_pair
 from fastconv._validation import fail
 from fastconv.activations import activation_code
+from fastconv.nn._modes import train_like
 from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.depthwise import DepthwiseConv2d
@@ -163,8 +164,7 @@ class ConvBNAct2d(nn.Sequential):
         nn.Sequential.__init__(fused, *layers)
         fused.activation = activation
         fused._fold_cache = DerivedTensorCache()
-        fused.train(conv.training)
-        return fused
+        return train_like(fused, conv.training, *layers)
 
     # -- forward -----------------------------------------------------------------------------
 

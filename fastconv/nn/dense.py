@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastconv._validation import fail
+from fastconv.nn._modes import train_like
 from fastconv.nn import _fx
 from fastconv.nn._conv_bn import update_running_stats, uses_batch_stats
 from fastconv.nn._fold_cache import DerivedTensorCache
@@ -127,7 +128,7 @@ class DenseBlock(nn.ModuleDict):
             view.norm1, view.conv1 = shared_batch_norm(layer.norm1, "norm1")[0], layer.conv1
             view.norm2, view.conv2 = shared_batch_norm(layer.norm2, "norm2")[0], layer.conv2
             view.drop_rate = layer.drop_rate
-            layers.append(view.train(layer.training))
+            layers.append(train_like(view, layer.training, layer, view.norm1, view.norm2))
         return cls._from_layers(layers, block.training, "DenseBlock.from_timm")
 
     @classmethod
@@ -141,9 +142,8 @@ class DenseBlock(nn.ModuleDict):
             _check_torchvision_layer(source, target, i, where)
             for name in ("norm1", "conv1", "norm2", "conv2"):
                 setattr(target, name, getattr(source, name))  # share, not copy
-            target.train(source.training)
-        fused.train(training)
-        return fused
+            train_like(target, source.training, source)
+        return train_like(fused, training, *layers)
 
     def _layers(self) -> list[DenseLayer]:
         return list(self.values())
@@ -301,8 +301,7 @@ class Transition(nn.Sequential):
             fail(f"{where}: pool must be AvgPool2d(2, 2); got {pool}")
         fused = cls(conv.in_channels, conv.out_channels, device="meta")
         fused.norm, fused.conv = norm, conv
-        fused.train(training)
-        return fused
+        return train_like(fused, training, norm, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx.symbolically_traced():

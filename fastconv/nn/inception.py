@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from fastconv._geometry import empty_output, normalise_geometry, output_size
 from fastconv._validation import fail
+from fastconv.nn._modes import train_like
 from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import plain_conv2d
@@ -72,8 +73,7 @@ class BasicConv2d(nn.Module):
         nn.Module.__init__(fused)
         fused.conv, fused.bn = plain, bn
         fused._fold_cache = DerivedTensorCache()
-        fused.train(plain.training)
-        return fused
+        return train_like(fused, plain.training, plain, bn)
 
     @classmethod
     def from_torchvision(cls, module: nn.Module) -> "BasicConv2d":
@@ -248,9 +248,7 @@ class InceptionBlock(nn.Module):
                 branch._modules = dict(branch._modules)
                 children[parent] = branch
             children[parent]._modules[leaf] = _basic_conv(children[parent]._modules[leaf])
-        fused = cls(type(block).__name__, children)
-        fused.train(block.training)
-        return fused
+        return train_like(cls(type(block).__name__, children), block.training, block)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, shared 1x1 GEMM over {self._shared}"

@@ -26,6 +26,7 @@ from torch import nn
 
 from fastconv._validation import fail
 from fastconv.activations import activation_code
+from fastconv.nn._modes import train_like
 from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._block_training import fused_block_train, fused_training_applies
 from fastconv.nn._fold_cache import DerivedTensorCache
@@ -103,8 +104,7 @@ class InvertedResidual(nn.Module):
         nn.Module.__init__(fused)
         inp = units[0][0].in_channels
         fused._setup(nn.Sequential(*units, project, bn), inp, project.out_channels, depthwise.stride[0], names.pop())
-        fused.train(block.training)
-        return fused
+        return train_like(fused, block.training, block)
 
     def _fusable(self) -> bool:
         """Every child the kind the kernel implements, and every BatchNorm in eval with running
@@ -206,8 +206,7 @@ class DepthwiseSeparableConv2d(nn.Module):
         fused.conv_pw, (fused.bn2, fused.pw_activation) = plain_conv2d(block.conv_pw), shared_batch_norm(block.bn2, "bn2")
         fused.skip = bool(block.has_skip)
         fused._dw_cache, fused._pw_cache = DerivedTensorCache(), DerivedTensorCache()
-        fused.train(block.training)
-        return fused
+        return train_like(fused, block.training, block, fused.bn1, fused.bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx.symbolically_traced():

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastconv.nn._modes import train_like
 from fastconv.nn import _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import ConvBNAct2d, is_conv_bn_act, plain_conv2d
@@ -95,8 +96,7 @@ class ResNetBlock(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused._setup(kind, units, block.relu, block.downsample, block.stride)
-        fused.train(block.training)
-        return fused
+        return train_like(fused, block.training, block)
 
     @classmethod
     def from_timm(cls, block: nn.Module) -> "ResNetBlock":
@@ -117,8 +117,8 @@ class ResNetBlock(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused._setup(kind, units, nn.ReLU(inplace=True), block.downsample, block.stride)
-        fused.train(block.training)
-        return fused
+        # The BatchNorms are plain ones sharing timm's state, each in its timm BatchNorm's mode.
+        return train_like(fused, block.training, block, *(bn for _, bn in units))
 
     def _units(self) -> list:
         return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.depth + 1)]

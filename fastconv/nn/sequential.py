@@ -22,6 +22,7 @@ from torch import nn
 
 from fastconv._geometry import normalise_geometry
 from fastconv._validation import fail
+from fastconv.nn._modes import train_like
 from fastconv.nn import _fx
 from fastconv.nn.attribute_fusion import batch_norm_activation
 from fastconv.nn._fold_cache import DerivedTensorCache
@@ -90,9 +91,7 @@ class FusedSequential(nn.Sequential):
     def from_sequential(cls, sequential: nn.Sequential) -> "FusedSequential":
         if type(sequential) is not nn.Sequential:
             raise ValueError(f"fastconv: sequential must be a plain nn.Sequential; got {type(sequential).__name__}")
-        fused = cls(collections.OrderedDict(sequential._modules))
-        fused.train(sequential.training)
-        return fused
+        return train_like(cls(collections.OrderedDict(sequential._modules)), sequential.training, sequential)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fx.symbolically_traced():

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fastconv._validation import fail
+from fastconv.nn._modes import train_like
 from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._block_training import fused_block_train, fused_training_applies
 from fastconv.nn._fold_cache import DerivedTensorCache
@@ -179,8 +180,7 @@ class TimmInvertedResidual(nn.Module):
         fused.conv_pwl, (fused.bn3, _) = plain_conv2d(block.conv_pwl), shared_batch_norm(block.bn3, "bn3")
         fused.has_skip = bool(block.has_skip)
         fused._caches = [DerivedTensorCache() for _ in range(3)]
-        fused.train(block.training)
-        return fused
+        return train_like(fused, block.training, block, fused.bn1, fused.bn2, fused.bn3)
 
     def _units(self) -> list:
         return [(self.conv_pw, self.bn1, self.activation), (self.conv_dw, self.bn2, self.activation),
