@@ -1,5 +1,6 @@
 // fastconv_cuda::bn_act_forward / bn_act_backward: argument checks, output allocation and
 // the CUDA dispatch-key registration. Kernels live in bn_act_forward.cu / bn_act_backward.cu.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -32,7 +33,19 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& scale,
 }
 
 constexpr const char* kForward = "fastconv_cuda::bn_act_forward";
+constexpr const char* kForwardOut = "fastconv_cuda::bn_act_forward_out";
 constexpr const char* kBackward = "fastconv_cuda::bn_act_backward";
+
+// out of bn_act_forward_out: x's shape, dtype and device, its elements distinct and apart
+// from x's (the kernels read x and write out in one pass, in no particular order).
+void check_out(const at::Tensor& x, const at::Tensor& out) {
+  check_like(kForwardOut, out, "out", x, "x");
+  FC_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, kForwardOut, "out",
+           "a tensor whose elements do not overlap one another", c10::str("strides ", out.strides()));
+  // Meta tensors have no memory to overlap (their storages all read as aliases): checked on CUDA.
+  FC_CHECK(x.is_meta() || at::get_overlap_status(out, x) == at::MemOverlapStatus::No, kForwardOut,
+           "out", "a tensor that does not overlap x", "one that does");
+}
 
 // Meta kernels: the same checks and output allocation as the CUDA kernels, no launch. They
 // give the raw ops shapes under fake tensors, and let a machine without a GPU test the checks.
@@ -41,6 +54,12 @@ at::Tensor bn_act_forward_meta(const at::Tensor& x, const at::Tensor& scale,
   check_common(kForward, x, scale, shift, activation);
   // preserve_format: same strides as a dense x, else x's suggested memory format.
   return at::empty_like(x);
+}
+
+void bn_act_forward_out_meta(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                             int64_t activation, const at::Tensor& out) {
+  check_common(kForwardOut, x, scale, shift, activation);
+  check_out(x, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_meta(
@@ -60,6 +79,16 @@ at::Tensor bn_act_forward(const at::Tensor& x, const at::Tensor& scale, const at
   launch_bn_act_forward(x, scale.contiguous(), shift.contiguous(), y,
                         static_cast<int>(activation));
   return y;
+}
+
+void bn_act_forward_out(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                        int64_t activation, const at::Tensor& out) {
+  bn_act_forward_out_meta(x, scale, shift, activation, out);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The layout is analysed over x and out together (make_layout): a slice of a wider buffer
+  // keeps the rows path when both have channels innermost, the vector loads when both align.
+  launch_bn_act_forward(x, scale.contiguous(), shift.contiguous(), out, static_cast<int>(activation));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(const at::Tensor& grad_y,
@@ -84,10 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(const at::Tensor&
 // The schemas are defined once, in registration.cpp.
 TORCH_LIBRARY_IMPL(fastconv_cuda, CUDA, m) {
   m.impl("bn_act_forward", &fastconv::bn_act_forward);
+  m.impl("bn_act_forward_out", &fastconv::bn_act_forward_out);
   m.impl("bn_act_backward", &fastconv::bn_act_backward);
 }
 
 TORCH_LIBRARY_IMPL(fastconv_cuda, Meta, m) {
   m.impl("bn_act_forward", &fastconv::bn_act_forward_meta);
+  m.impl("bn_act_forward_out", &fastconv::bn_act_forward_out_meta);
   m.impl("bn_act_backward", &fastconv::bn_act_backward_meta);
 }

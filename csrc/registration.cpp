@@ -18,6 +18,11 @@
 TORCH_LIBRARY(fastconv_cuda, m) {
   // bn_act: y = act(x * scale[c] + shift[c]) and its gradient (bn_act.cu).
   m.def("bn_act_forward(Tensor x, Tensor scale, Tensor shift, int activation) -> Tensor");
+  // The same, written into `out` (x's shape, any strides: a channel slice of an Inception
+  // block's output, fastconv::batch_norm_act_cat).
+  m.def(
+      "bn_act_forward_out(Tensor x, Tensor scale, Tensor shift, int activation, Tensor(a!) out)"
+      " -> ()");
   m.def(
       "bn_act_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor shift, int activation)"
       " -> (Tensor, Tensor, Tensor)");

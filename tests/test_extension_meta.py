@@ -172,6 +172,15 @@ def bn_act_avg_pool(dtype, layout):
     return out, fake.bn_act_avg_pool(x, s, s, "relu")
 
 
+def bn_act_forward_out(dtype, layout):
+    """Into a channel slice of fastconv::batch_norm_act_cat's output, the piece in any layout."""
+    c, stats = meta((2, 6, 5, 7), dtype, layout), vector(6)
+    pieces = [c, meta((2, 3, 5, 7), dtype, "channels_last")]
+    out = fake.batch_norm_act_cat(pieces, [0], [stats], [stats], [], [], "relu")
+    assert cuda.bn_act_forward_out(c, stats, stats, 1, out[:, :6]) is None
+    return out, fake.batch_norm_act_cat(pieces, [0], [stats], [stats], [], [], "relu")
+
+
 def inverted_residual_forward(dtype, layout):
     """The fused MobileNetV2 block (stride 2, odd sizes, a residual-free projection) into the
     output fastconv::inverted_residual's fake allocates; and without the expansion."""
@@ -235,6 +244,7 @@ CASES = {
     conv_bn_act_out: "conv_bn_act_out",
     conv_bn_act_out_with_residual: "conv_bn_act_out",
     bn_act_avg_pool: "bn_act_avg_pool",
+    bn_act_forward_out: "bn_act_forward_out",
     inverted_residual_forward: "inverted_residual_forward",
     batch_norm_stats: "batch_norm_stats",
     batch_norm_act_backward: "batch_norm_act_backward",
@@ -275,6 +285,18 @@ def test_bn_act_avg_pool_checks_name_the_argument(out_shape, out_dtype, expanded
         cuda.bn_act_avg_pool(x, s, s, 1, out)
     with pytest.raises(RuntimeError, match=r"'x' must be at least 2x2 for a 2x2 pool, but got shape \[2, 6, 1, 7\]"):
         cuda.bn_act_avg_pool(meta((2, 6, 1, 7), torch.float16), s, s, 1, meta((2, 6, 0, 3), torch.float16))
+
+
+@pytest.mark.parametrize("out, pattern", [
+    (lambda: meta((2, 6, 5, 6), torch.float16), r"'out' must be x's shape \[2, 6, 5, 7\], but got \[2, 6, 5, 6\]"),
+    (lambda: meta((2, 6, 5, 7), torch.float32), r"'out' must be x's dtype \(Half\), but got Float"),
+    (lambda: torch.empty(1, 6, 1, 1, dtype=torch.float16, device="meta").expand(2, 6, 5, 7),
+     r"'out' must be a tensor whose elements do not overlap one another, but got strides \[0, 1, 0, 0\]"),
+], ids=["shape", "dtype", "expanded"])  # fmt: skip
+def test_bn_act_forward_out_checks_name_the_argument(out, pattern):
+    x, s = meta((2, 6, 5, 7), torch.float16), vector(6)
+    with pytest.raises(RuntimeError, match=pattern):
+        cuda.bn_act_forward_out(x, s, s, 1, out())
 
 
 def test_inverted_residual_forward_checks_name_the_argument():

@@ -43,6 +43,9 @@ def _calls():
         "batch_norm_act_avg_pool": lambda t: torch.ops.fastconv.batch_norm_act_avg_pool(
             t(2, 6, 9, 7, cl=True), t(6), t(6), t(6), None, "relu"
         ),
+        "batch_norm_act_cat": lambda t: torch.ops.fastconv.batch_norm_act_cat(
+            [t(2, 6, 5, 7, cl=True), t(2, 3, 5, 7)], [0], [t(6)], [t(6)], [t(6)], [t(6)], "relu"
+        ),
         "inverted_residual": lambda t: fastconv.inverted_residual(
             t(2, 4, 9, 7, cl=True), t(12, 4, 1, 1), t(12, 1, 3, 3), t(4, 12, 1, 1), stride=1, expand_scale=t(12),
             expand_shift=t(12), dw_scale=t(12), dw_shift=t(12), project_scale=t(4), project_shift=t(4),

@@ -227,9 +227,11 @@ def _flags(x: torch.Tensor, tensors: list[torch.Tensor], activation: int) -> dic
     return dict(ACTIVATION=activation, INDEX_64=needs_64bit_index(tensors, _INDEX_HEADROOM), WIDE=x.dtype == torch.float64)
 
 
-def bn_act_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: int) -> torch.Tensor:
-    """act(x * scale[c] + shift[c]); y keeps x's memory format (torch.empty_like's rule)."""
-    y = torch.empty_like(x)
+def bn_act_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """act(x * scale[c] + shift[c]); y keeps x's memory format (torch.empty_like's rule), or is
+    `out` when given (x's shape, any strides: a channel slice of a wider buffer)."""
+    y = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return y
     N, C, H, W = x.shape

@@ -69,6 +69,24 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tens
     bn.running_var.mul_(1 - factor).add_((unbiased * factor).to(bn.running_var.dtype))
 
 
+def conv_batch_stats(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
+    """(c, mean, invstd): conv(x) before its training BatchNorm, with c's batch statistics from
+    the conv's epilogue, and bn's running statistics updated as nn.BatchNorm2d updates them.
+    The first half of conv_bn_act in training; fastconv::batch_norm_act (or batch_norm_act_cat,
+    into a concatenation) is the second."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        fail(f"x must be a 4-D tensor (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
+    stride, padding, dilation = normalise_geometry(tuple(conv.weight.shape[2:]), conv.stride, conv.padding, conv.dilation)
+    x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
+    c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, conv.groups)
+    count = c.shape[0] * c.shape[2] * c.shape[3]
+    if bn.training and count == 1:
+        fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    if bn.training and bn.track_running_stats:
+        update_running_stats(bn, mean, var, count)
+    return c, mean, torch.rsqrt(var + bn.eps)
+
+
 def conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str], cache: DerivedTensorCache,
                 residual: Optional[torch.Tensor] = None, activation_after_residual: bool = False):  # fmt: skip
     """act(bn(conv(x))) on fastconv's ops, in the BatchNorm's own mode (see the module docstring);
@@ -82,17 +100,8 @@ def conv_bn_act(x, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str
         x, weight, residual = autocast_inputs(x, weight, residual)
         return routed_conv2d_bn_act(x, weight, None, stride, padding, dilation, conv.groups, None, shift, activation,
                                     residual, after)  # fmt: skip
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        fail(f"x must be a 4-D tensor (N, C, H, W); got {getattr(x, 'shape', type(x).__name__)}")
-    x, weight, bias = autocast_inputs(x, conv.weight, conv.bias)
-    c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, stride, padding, dilation, conv.groups)
-    count = c.shape[0] * c.shape[2] * c.shape[3]
-    if bn.training and count == 1:
-        fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-    y = torch.ops.fastconv.batch_norm_act(c, mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias,
-                                          None if after else activation)  # fmt: skip
-    if bn.training and bn.track_running_stats:
-        update_running_stats(bn, mean, var, count)
+    c, mean, invstd = conv_batch_stats(x, conv, bn)
+    y = torch.ops.fastconv.batch_norm_act(c, mean, invstd, bn.weight, bn.bias, None if after else activation)
     if residual is None:
         return y
     if residual.shape != y.shape:

@@ -14,10 +14,17 @@ the same children (so the same state_dict keys) and runs them so:
   concatenation is never a separate pass. A 1x1 conv that is a branch of its own (branch1)
   comes out of the shared GEMM's scratch and is copied into its slice (one pass over its
   channels only), and a pooling branch (InceptionB/D's max pool of x) is copied likewise;
-* in training, or in eval with gradients wanted, the shared GEMM still runs (its per-channel
-  batch statistics are each BatchNorm's own, so every BatchNorm keeps its exact training
-  semantics and running update), the other convs run fused one by one, and the outputs are
-  concatenated by torch.cat (differentiable; not fused into the stores).
+* in training, the shared GEMM still runs (its per-channel batch statistics are each
+  BatchNorm's own, so every BatchNorm keeps its exact training semantics and running update)
+  and the other convs run fused one by one; each output branch's last conv stops before its
+  BatchNorm, and fastconv::batch_norm_act_cat applies every such BatchNorm + ReLU straight into
+  the branch's slice of the output, differentiably (fastconv/ops/batch_norm_cat.py): no branch
+  output is written and read back by a torch.cat. A pooling branch, or one whose BatchNorm is
+  frozen (eval) or swapped for a kind the kernels do not honour, is copied into its slice by
+  the same op;
+* in eval with gradients wanted (every BatchNorm frozen), the outputs are concatenated by
+  torch.cat: the folded BatchNorm is in each conv's epilogue, so there is no pass to fold the
+  concatenation into.
 
 Each block's dataflow is written out in SPECS, read from torchvision 0.2x's forwards.
 """
@@ -38,6 +45,7 @@ from fastconv.nn import _conv_bn, _fx
 from fastconv.nn._fold_cache import DerivedTensorCache
 from fastconv.nn.conv_bn_act import plain_conv2d
 from fastconv.ops._common import autocast_dtype, autocast_inputs
+from fastconv.ops.batch_norm_cat import batch_norm_act_cat
 from fastconv.ops.conv_bn_act import route, routed_conv2d_bn_act
 
 
@@ -223,9 +231,11 @@ class InceptionBlock(nn.Module):
             if name not in _POOLS and name != "branch4.0" and type(child) is not BasicConv2d:
                 got = "no such child" if child is None else type(child).__name__
                 fail(f"children[{name!r}] must be a fastconv BasicConv2d ({kind}'s forward calls it); got {got}")
-        # The 1x1, stride-1 convs that read x: one GEMM with their output channels concatenated.
-        self._shared = [name for name, source in self._steps if source == "x" and name not in _POOLS and
-                        name != "branch4.0" and _is_pointwise(_child(self, name).conv)]  # fmt: skip
+        # The 1x1, stride-1 convs that read x: one GEMM with their output channels concatenated,
+        # a block output's first (training then normalises the others in one pass, a channel tail).
+        shared = [name for name, source in self._steps if source == "x" and name not in _POOLS and
+                  name != "branch4.0" and _is_pointwise(_child(self, name).conv)]  # fmt: skip
+        self._shared = sorted(shared, key=lambda name: name not in self._outputs)
         self._shared_cache = DerivedTensorCache()
 
     @classmethod
@@ -290,16 +300,59 @@ class InceptionBlock(nn.Module):
         return len({_conv_bn.uses_batch_stats(c.bn) for c in convs}) == 1 and all(c.bn.affine for c in convs)
 
     def _differentiable(self, x: torch.Tensor, shared: list) -> torch.Tensor:
-        values = {"x": x}
+        """Training (or eval with gradients): every output branch whose BatchNorm uses batch
+        statistics ends as a piece (c, mean, invstd, weight, bias) of batch_norm_act_cat, any
+        other output as a piece copied in."""
+        values, pieces = {"x": x}, {}
         if shared:
-            y, start = self._shared_forward(x, shared), 0
-            for name in shared:
-                width = self._conv(name).conv.out_channels
-                values[name], start = y[:, start:start + width], start + width
+            self._shared_pieces(x, shared, values, pieces)
         for name, source in self._steps:
-            if name not in values:
+            if name in values or name in pieces:
+                continue
+            unit = self._conv(name) if self._is_conv(name) else None
+            if name in self._outputs and unit is not None and unit.fusable() and _conv_bn.uses_batch_stats(unit.bn):
+                pieces[name] = (*_conv_bn.conv_batch_stats(values[source], unit.conv, unit.bn), unit.bn.weight,
+                                unit.bn.bias)  # fmt: skip
+            else:
                 values[name] = self._run(name, values[source])
-        return torch.cat([values[name] for name in self._outputs], 1)
+        outputs = [pieces.get(name, (values.get(name), None, None, None, None)) for name in self._outputs]
+        if not pieces or len({piece[0].dtype for piece in outputs}) > 1:
+            # Nothing to normalise into the buffer, or dtypes that torch.cat promotes (under autocast,
+            # a pool of a float32 x beside half-precision convs): torch.cat's result is eager's.
+            return torch.cat([self._finished(piece) for piece in outputs], 1)
+        return batch_norm_act_cat(*zip(*outputs), "relu")
+
+    @staticmethod
+    def _finished(piece: tuple) -> torch.Tensor:
+        c, mean, invstd, weight, bias = piece
+        return c if mean is None else torch.ops.fastconv.batch_norm_act(c, mean, invstd, weight, bias, "relu")
+
+    def _shared_pieces(self, x: torch.Tensor, shared: list, values: dict, pieces: dict) -> None:
+        """The shared GEMM in the differentiable path: a block output's channels (the first, see
+        __init__) become pieces; the rest are normalised in one pass and become values."""
+        convs = [self._conv(name) for name in shared]
+        if not _conv_bn.uses_batch_stats(convs[0].bn):
+            y, start = self._shared_forward(x, shared), 0
+            for name, conv in zip(shared, convs):
+                values[name], start = y[:, start:start + conv.conv.out_channels], start + conv.conv.out_channels
+            return
+        c, mean, invstd = self._shared_batch_stats(x, convs)
+        start, rest = 0, []
+        for name, conv in zip(shared, convs):
+            where = slice(start, start + conv.conv.out_channels)
+            if name in self._outputs:
+                pieces[name] = (c[:, where], mean[where], invstd[where], conv.bn.weight, conv.bn.bias)
+            else:
+                rest.append((name, conv, where))
+            start = where.stop
+        if not rest:
+            return
+        tail = slice(rest[0][2].start, start)
+        y = torch.ops.fastconv.batch_norm_act(c[:, tail], mean[tail], invstd[tail],
+                                              torch.cat([conv.bn.weight for _, conv, _ in rest]),
+                                              torch.cat([conv.bn.bias for _, conv, _ in rest]), "relu")  # fmt: skip
+        for name, _, where in rest:
+            values[name] = y[:, where.start - tail.start:where.stop - tail.start]
 
     def _shared_folded(self, shared: list) -> tuple[torch.Tensor, torch.Tensor]:
         convs = [self._conv(name) for name in shared]
@@ -320,26 +373,32 @@ class InceptionBlock(nn.Module):
             weight, shift = self._shared_folded(shared)
             x, weight = autocast_inputs(x, weight)
             return ops.pointwise_conv2d(x, weight, None, None, shift, "relu")
+        c, mean, invstd = self._shared_batch_stats(x, convs)
+        gamma, beta = torch.cat([m.bn.weight for m in convs]), torch.cat([m.bn.bias for m in convs])
+        return ops.batch_norm_act(c, mean, invstd, gamma, beta, "relu")
+
+    @staticmethod
+    def _shared_batch_stats(x: torch.Tensor, convs: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c, mean, invstd) of the shared GEMM before its BatchNorms (training), each
+        BatchNorm's running statistics updated from its own channels' batch statistics."""
         weight = torch.cat([c.conv.weight for c in convs])
         bias = None
         if any(c.conv.bias is not None for c in convs):
             bias = torch.cat([c.conv.bias if c.conv.bias is not None else c.conv.weight.new_zeros(c.conv.out_channels)
                               for c in convs])  # fmt: skip
         x, weight, bias = autocast_inputs(x, weight, bias)
-        c, mean, var = ops.conv2d_batch_stats(x, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+        c, mean, var = torch.ops.fastconv.conv2d_batch_stats(x, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1)
         count = c.shape[0] * c.shape[2] * c.shape[3]
         if convs[0].bn.training and count == 1:
             fail(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         eps = torch.cat([var.new_full((m.conv.out_channels,), m.bn.eps) for m in convs])
-        gamma, beta = torch.cat([m.bn.weight for m in convs]), torch.cat([m.bn.bias for m in convs])
-        y = ops.batch_norm_act(c, mean, torch.rsqrt(var + eps), gamma, beta, "relu")
         start = 0
         for m in convs:  # each BatchNorm's own running update, from its own channels' statistics
             end = start + m.conv.out_channels
             if m.bn.training and m.bn.track_running_stats:
                 _conv_bn.update_running_stats(m.bn, mean[start:end], var[start:end], count)
             start = end
-        return y
+        return c, mean, torch.rsqrt(var + eps)
 
     @torch.no_grad()
     def _into_buffer(self, x: torch.Tensor, shared: list) -> torch.Tensor:

@@ -2,6 +2,7 @@
 autograd and per-backend implementations beside them."""
 
 from fastconv.ops import batch_norm  # noqa: F401  (registers the training BatchNorm ops)
+from fastconv.ops import batch_norm_cat  # noqa: F401  (registers batch_norm_act_cat, Inception's training concat)
 from fastconv.ops.bn_act import bn_act
 from fastconv.ops.bn_act_pool import bn_act_avg_pool
 from fastconv.ops.conv_bn_act import conv2d_bn_act
