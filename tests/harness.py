@@ -62,7 +62,7 @@ def require_extension() -> None:
 
 def skip_interpreted_bf16_dot(backend: str, dtype: torch.dtype) -> None:
     """The triton backend's bfloat16 GEMMs are tested on the GPU only (INTERPRETED_BF16_DOT)."""
-    if backend == "triton" and dtype == torch.bfloat16 and interpreting():
+    if backend.partition(":")[0] == "triton" and dtype == torch.bfloat16 and interpreting():
         pytest.skip(INTERPRETED_BF16_DOT)
 
 
@@ -202,14 +202,36 @@ def seeded(seed: int) -> None:
 def on_backend(backend: str) -> Iterator[None]:
     """fastconv.use_backend(backend), except that a call outside what the backend declares it
     supports (say, float32 without TF32 on the cuda tensor-core GEMMs, or float64 on any cuda
-    kernel) skips the test with the backend's reason: that refusal is the documented behaviour."""
-    with fastconv.use_backend(backend):
-        try:
-            yield
-        except RuntimeError as error:
-            if str(error).startswith(f"fastconv: backend {backend!r} cannot run "):
-                pytest.skip(str(error))
-            raise
+    kernel) skips the test with the backend's reason: that refusal is the documented behaviour.
+
+    "triton:tiled" and "triton:gather" are the triton backend with the fused block's kernel
+    forced (FASTCONV_FUSED_BLOCK_KERNEL; see with_fused_block_kernels)."""
+    backend, _, kernel = backend.partition(":")
+    previous = os.environ.get("FASTCONV_FUSED_BLOCK_KERNEL")
+    if kernel:
+        os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = kernel
+    try:
+        with fastconv.use_backend(backend):
+            try:
+                yield
+            except RuntimeError as error:
+                if str(error).startswith(f"fastconv: backend {backend!r} cannot run "):
+                    pytest.skip(str(error))
+                raise
+    finally:
+        if kernel:
+            os.environ.pop("FASTCONV_FUSED_BLOCK_KERNEL")
+            if previous is not None:
+                os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = previous
+
+
+def with_fused_block_kernels(params: list) -> list:
+    """Backend params (backends_under_test's) plus "triton:tiled": the fused inverted residual's
+    second Triton kernel (the expansion once per window pixel), which `auto` only picks by
+    timing on a GPU; plain "triton" runs the gather kernel wherever there is no GPU timer."""
+    triton = [p for p in params if p.values[0] == "triton"]
+    extra = [pytest.param("triton:tiled", marks=p.marks, id="triton-tiled") for p in triton]
+    return list(params) + extra
 
 
 def run_backend(backend: str, function: Callable, *args, **kwargs):

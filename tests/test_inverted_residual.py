@@ -28,11 +28,13 @@ from harness import (
     run_backend,
     skip_interpreted_bf16_dot,
     wide,
+    with_fused_block_kernels,
 )
 
 # The module, not the function of the same name that fastconv.ops exports.
 ops = importlib.import_module("fastconv.ops.inverted_residual")
 BACKENDS = backends_under_test(ops.FORWARD)
+KERNELS = with_fused_block_kernels(BACKENDS)  # the tiled Triton kernel too, on blocks with an expansion
 
 
 def make(c_in, c_hid, c_out, hw=7, *, n=1, k=3, dtype=torch.float32, layout="channels_last", expand=True,
@@ -119,16 +121,18 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_inverted_residual_matches_float64(backend, case):
     c_in, c_hid, c_out, hw, stride, k, expand, use_residual = CASES[case]
+    if backend == "triton:tiled" and not expand:
+        pytest.skip("the tiled kernel serves blocks with an expansion; the separable block reads x itself")
     t = make(c_in, c_hid, c_out, hw, k=k, expand=expand)
     y = check(backend, t, stride=stride, use_residual=use_residual)
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channel_slice", "spatial_slice"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_layouts(backend, layout):
     """NCHW (converted once at the boundary, written back NCHW), a channel slice read in place,
     and a spatial crop; the output keeps the layout rule of every op."""
@@ -151,7 +155,7 @@ def test_depthwise_separable_with_residual(backend, options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_half_precision_within_twice_pytorch_error(backend, dtype):
     skip_interpreted_bf16_dot(backend, dtype)
     # silu: a smooth activation, so a rounding on either side of a kink does not decide the test.
@@ -160,7 +164,7 @@ def test_half_precision_within_twice_pytorch_error(backend, dtype):
 
 
 @pytest.mark.parametrize("n", [0, 1], ids=["batch0", "batch1"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_batch_zero_and_one(backend, n):
     t = make(8, 24, 16, 7, n=n)
     y = check(backend, t, stride=2)
@@ -178,6 +182,34 @@ def test_gpu_default_tile_covers_every_block_axis(monkeypatch):
     assert (default.kwargs["BLOCK_P"], default.kwargs["BLOCK_H"], default.kwargs["BLOCK_CO"]) == (64, 32, 64)
     monkeypatch.setattr(tuner, "configs", [default])
     check("triton", make(40, 40, 130, 9), use_residual=False)  # 81 pixels, 40 hidden, 130 outputs
+
+
+def test_tiled_gpu_default_tile_covers_every_axis(monkeypatch):
+    """The tiled kernel's GPU default (8x8 output tiles, windows 64 pixels at a time, 32 hidden,
+    64 output channels, 16 input channels) on a shape with ragged tiles in both directions,
+    two images, more tiles than programs (the persistent loop reuses each program's scratch
+    slot), a ragged hidden chunk, three output-channel blocks and two K steps; stride 1 and 2,
+    the 3x3 and a 5x5 window."""
+    from fastconv.triton_kernels import inverted_residual as host
+    from fastconv.triton_kernels import inverted_residual_tiled as kernels
+
+    tuner = kernels.fused_block_tiled
+    default = tuner.all_configs[1] if len(tuner.all_configs) > 1 and fastconv.backends.interpreting() else tuner.all_configs[0]
+    assert [default.kwargs[k] for k in ("TILE_H", "TILE_W", "BLOCK_WIN", "BLOCK_H", "BLOCK_CO", "BLOCK_K")] == \
+        [8, 8, 64, 32, 64, 16]  # fmt: skip
+    monkeypatch.setattr(tuner, "configs", [default])
+    monkeypatch.setattr(host, "last_kernel", None)
+    # 8 tiles of 8x8 and 3 output-channel blocks: the interpreter's 4 parallel programs give one
+    # program per block, which loops over all 8 tiles.
+    check("triton:tiled", make(20, 40, 130, 11, n=2), use_residual=False)
+    assert host.last_kernel == "tiled"
+    check("triton:tiled", make(20, 40, 24, 11, n=1, k=5), stride=2)
+
+
+def test_kernel_choice_is_named_when_forced_wrongly(monkeypatch):
+    monkeypatch.setenv("FASTCONV_FUSED_BLOCK_KERNEL", "fast")
+    with pytest.raises(ValueError, match=r"FASTCONV_FUSED_BLOCK_KERNEL must be one of auto, gather, tiled; got 'fast'"):
+        run_backend("triton", call, make(8, 16, 8, 7))
 
 
 def test_fused_op_has_no_backward_and_says_so():
@@ -269,6 +301,8 @@ def test_traffic_counts_the_floor_and_the_tap_recompute():
     assert t.flops == 2 * pixels * (24 * 144 + 144 * 9 + 144 * 24)
     # One output-channel block (24 <= 64): the expansion 9 times, the rest once.
     assert t.kernel_flops == 2 * pixels * (9 * 24 * 144 + 144 * 9 + 144 * 24)
+    # The tiled kernel: 7x7 tiles of 8x8 a 56x56 image, each 10x10 window in 2 steps of 64.
+    assert t.tiled_kernel_flops == 2 * 128 * 49 * 128 * 24 * 144 + 2 * pixels * (144 * 9 + 144 * 24)
     assert t.load_bytes > t.dram_bytes_estimate >= t.io_floor_bytes
 
 

@@ -20,7 +20,7 @@ from fastconv.nn.inverted_residual import DepthwiseSeparableConv2d, InvertedResi
 from harness import DEVICE, assert_matches_reference, on_backend, random_tensor
 from test_inverted_residual_module import eager_separable, randomise_batch_norms
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "triton:tiled"]  # triton:tiled: the fused forward's tiled kernel (harness.on_backend)
 # (inp, oup, stride, expand_ratio, size): residual, stride 2 on an odd size, no expansion.
 BLOCKS = {"t6-residual": (8, 8, 1, 6, 7), "t6-s2-odd": (8, 12, 2, 6, 9), "t1": (8, 4, 1, 1, 5)}
 

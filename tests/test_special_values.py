@@ -17,11 +17,11 @@ import torch.nn.functional as F
 import fastconv
 from fastconv.activations import apply_activation
 from fastconv.ops import conv_bn_act as conv_ops
-from harness import DEVICE, backends_under_test, random_tensor, run_backend
+from harness import DEVICE, backends_under_test, random_tensor, run_backend, with_fused_block_kernels
 
 BACKENDS = backends_under_test(conv_ops.FORWARD)
 # fastconv.ops.inverted_residual is also the name of the function the package exports.
-BLOCK_BACKENDS = backends_under_test(importlib.import_module("fastconv.ops.inverted_residual").FORWARD)
+BLOCK_BACKENDS = with_fused_block_kernels(backends_under_test(importlib.import_module("fastconv.ops.inverted_residual").FORWARD))
 
 
 def special_input(shape, layout="channels_last"):

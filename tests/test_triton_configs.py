@@ -169,6 +169,18 @@ def case_inverted_residual(dtype, expand, stride, residual):
                 (3, 3), stride, (1, 1), 1, 1 if expand else 0, 1, 0, _t((2, c_out, ho, ho), dtype) if residual else None)
 
 
+def case_inverted_residual_tiled(dtype, stride, residual):
+    """The tiled kernel (inverted_residual_tiled.py: the expansion once per window pixel)."""
+    previous = os.environ.get("FASTCONV_FUSED_BLOCK_KERNEL")
+    os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = "tiled"
+    try:
+        case_inverted_residual(dtype, True, stride, residual)
+    finally:
+        os.environ.pop("FASTCONV_FUSED_BLOCK_KERNEL")
+        if previous is not None:
+            os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = previous
+
+
 def case_hidden_statistics(dtype, expand, stride):
     """The training forward's statistics pass over the depthwise output (no projection)."""
     from fastconv.triton_kernels.inverted_residual import hidden_statistics
@@ -237,6 +249,9 @@ CASES = {
     "inverted_residual fp16 s1 residual": (case_inverted_residual, ("float16", True, 1, True)),
     "inverted_residual fp32 s2": (case_inverted_residual, ("float32", True, 2, False)),
     "inverted_residual bf16 no expand": (case_inverted_residual, ("bfloat16", False, 1, False)),
+    "inverted_residual tiled fp16 s1 residual": (case_inverted_residual_tiled, ("float16", 1, True)),
+    "inverted_residual tiled fp32 s2": (case_inverted_residual_tiled, ("float32", 2, False)),
+    "inverted_residual tiled bf16 s2": (case_inverted_residual_tiled, ("bfloat16", 2, False)),
     # Its training forward's statistics pass (expansion and depthwise, reduced per channel).
     "inverted_residual stats fp16 s1": (case_hidden_statistics, ("float16", True, 1)),
     "inverted_residual stats fp32 s2": (case_hidden_statistics, ("float32", True, 2)),

@@ -164,11 +164,21 @@ def batch_norm_workload():
             assert_matches_reference(name, got, want, plain if name == "grad_c" else None, terms=3 * 9 * 7)
 
 
+def fused_block_workload(kernel: str):
+    """The fused inverted residual forced onto one of its two kernels: stride 1 with the
+    residual and stride 2, odd sizes, fp16, against float64 with the 2x-PyTorch rule (SiLU)."""
+    from test_inverted_residual import check, make
+
+    for c_in, c_hid, c_out, hw, stride, residual in ((24, 144, 24, 15, 1, True), (32, 192, 64, 13, 2, False)):
+        t = make(c_in, c_hid, c_out, hw, n=2, dtype=torch.float16)
+        check(f"triton:{kernel}", t, lowp=True, stride=stride, use_residual=residual, activation="silu")
+
+
 # Each module of fastconv.triton_kernels, with the workload that reaches all of its kernels.
 WORKLOADS = {
     "bn_act": bn_act_workload, "depthwise": depthwise_stats_workload, "depthwise_backward": depthwise_workload,
     "pointwise": pointwise_workload, "pointwise_backward": pointwise_workload, "conv_bn_act": conv_bn_act_workload,
-    "batch_norm": batch_norm_workload,
+    "batch_norm": batch_norm_workload, "inverted_residual_tiled": lambda: fused_block_workload("tiled"),
 }
 
 

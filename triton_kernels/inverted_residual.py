@@ -23,12 +23,18 @@ rounded to the dot dtype (as PyTorch's own chain rounds every intermediate) and 
 into the [BLOCK_P, BLOCK_CO] projection accumulator. After the loop: b_p, act_p, the residual,
 one store.
 
-The price of this first version: no spatial tile plus halo is kept in shared memory, so the
-expansion is recomputed once per tap (x9 for 3x3) and once per output-channel block (the grid's
-second axis, cdiv(C_out, BLOCK_CO) programs per pixel block, each redoing expansion and
-depthwise), and the x rows are re-read from L1/L2 for every (hidden chunk, tap). `traffic()`
-counts those FLOPs and bytes against the block-I/O floor so that the benchmark and the fused-blocks
-"bytes against the block-I/O floor" figure need no GPU. Unmeasured on a GPU.
+The price of this gather kernel: no spatial tile plus halo is kept, so the expansion is
+recomputed once per tap (x9 for 3x3) and once per output-channel block (the grid's second
+axis, cdiv(C_out, BLOCK_CO) programs per pixel block, each redoing expansion and depthwise),
+and the x rows are re-read from L1/L2 for every (hidden chunk, tap). The second kernel,
+triton_kernels/inverted_residual_tiled.py, owns a 2-D output tile, computes the expansion once
+per pixel of its window (tile plus halo) into a per-program scratch slot and reads the taps
+back from it: 2x the expansion's FLOPs at stride 1 and 5x at stride 2 instead of 9x, for a
+round trip through L1/L2 and two barriers per hidden chunk. `fused_block` times both at a
+shape's first call on a GPU and keeps the faster (FASTCONV_FUSED_BLOCK_KERNEL=gather|tiled
+forces one); without a GPU timer, in a graph capture and in deterministic mode it runs the
+gather kernel. `traffic()` counts both kernels' FLOPs and bytes against the block-I/O floor so
+that the benchmark's floor figures need no GPU. Unmeasured on a GPU.
 
 Registers: the live fp32 tiles are the depthwise accumulator and the expanded tap, BLOCK_P x
 BLOCK_H each, and the projection accumulator BLOCK_P x BLOCK_CO: 2*64*32 + 64*64 = 8192 values
@@ -50,6 +56,7 @@ allowed. float64 is the op's torch backend's.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,7 +67,7 @@ import triton.language as tl
 from fastconv._geometry import channels_innermost, output_size
 from fastconv.triton_kernels._indexing import needs_64bit_index, pixel_coordinates
 from fastconv.triton_kernels._statistics import merge_partitions, tile_moments
-from fastconv.triton_kernels._tuning import autotune, interpreter_first
+from fastconv.triton_kernels._tuning import autotune, interpreter_first, parallel_programs
 from fastconv.triton_kernels.activations import apply_activation
 
 # Offsets past 2**31 - 1 - this take the 64-bit path: a block of masked overshoot times a stride.
@@ -260,19 +267,74 @@ def fused_block(
         INDEX_64=needs_64bit_index([x, out] + ([residual] if residual is not None else []), _INDEX_HEADROOM),
     )  # fmt: skip
 
-    def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C_out, meta["BLOCK_CO"]))
+    pointers = (x, we, expand_bias if expand_bias is not None else dummy, dw_weight,
+                dw_bias if dw_bias is not None else dummy, project_weight,
+                project_bias if project_bias is not None else dummy, r, out)  # fmt: skip
+    strides = (*x.stride(), we.stride(0) if expand_weight is not None else 0,
+               we.stride(1) if expand_weight is not None else 0, dw_weight.stride(0), dw_weight.stride(1),
+               project_weight.stride(0), project_weight.stride(1), *r_strides, *out.stride())  # fmt: skip
 
-    _fused_block[grid](
-        x, we, expand_bias if expand_bias is not None else dummy, dw_weight, dw_bias if dw_bias is not None else dummy,
-        project_weight, project_bias if project_bias is not None else dummy, r, out,
-        P, H, W, HO, WO, C_in, C_hid, C_out, padding[0], padding[1],
-        *x.stride(), we.stride(0) if expand_weight is not None else 0, we.stride(1) if expand_weight is not None else 0,
-        dw_weight.stride(0), dw_weight.stride(1), project_weight.stride(0), project_weight.stride(1),
-        *r_strides, *out.stride(),
-        **flags,
-    )  # fmt: skip
+    def gather():
+        def grid(meta):
+            return (triton.cdiv(P, meta["BLOCK_P"]), triton.cdiv(C_out, meta["BLOCK_CO"]))
+
+        _fused_block[grid](*pointers, P, H, W, HO, WO, C_in, C_hid, C_out, padding[0], padding[1], *strides, **flags)
+
+    if expand_weight is None:
+        gather()  # no expansion to recompute: the taps read x itself
+        return out
+    from fastconv.triton_kernels import inverted_residual_tiled as tiled_kernels
+
+    def tiled():
+        kernel = tiled_kernels.fused_block_tiled
+        configs = list({id(c): c for c in [*kernel.all_configs, *kernel.configs]}.values())
+        slot = max(tiled_kernels.slot_elements(c, kernel_size, int(stride), int(dilation)) for c in configs)
+        co_blocks = max(triton.cdiv(C_out, c.kwargs["BLOCK_CO"]) for c in configs)
+        programs = max(1, parallel_programs(x.device) // co_blocks)
+        scratch = torch.empty(programs * co_blocks * slot, dtype=x.dtype, device=x.device)
+
+        def grid(meta):
+            tiles = N * triton.cdiv(HO, meta["TILE_H"]) * triton.cdiv(WO, meta["TILE_W"])
+            return (min(tiles, programs), triton.cdiv(C_out, meta["BLOCK_CO"]))
+
+        unused = ("HAS_EXPAND",)
+        kernel[grid](*pointers, scratch, N, H, W, HO, WO, C_in, C_hid, C_out, padding[0], padding[1], *strides, slot,
+                     **{k: v for k, v in flags.items() if k not in unused})  # fmt: skip
+
+    choice = _kernel_choice(x, (N, C_in, H, W, C_hid, C_out, kernel_size, int(stride), int(dilation), x.dtype,
+                                x.stride(), out.stride(), residual is not None, flags["TF32"]),
+                            {"gather": gather, "tiled": tiled})  # fmt: skip
+    {"gather": gather, "tiled": tiled}[choice]()
+    global last_kernel
+    last_kernel = choice
     return out
+
+
+# Which of the two kernels runs a shape: the gather kernel (this file's, the expansion recomputed
+# per tap) or the tiled one (inverted_residual_tiled.py, once per window pixel), timed at the
+# first call on a GPU and cached, as the CUDA kernels pick their template variants.
+# FASTCONV_FUSED_BLOCK_KERNEL=gather|tiled forces one (the tests run both in the interpreter).
+_CHOSEN_KERNEL: dict = {}
+last_kernel = "gather"  # the kernel of the latest call with an expansion (the benchmark records it)
+
+
+def _kernel_choice(x: torch.Tensor, key: tuple, launches: dict) -> str:
+    forced = os.environ.get("FASTCONV_FUSED_BLOCK_KERNEL", "auto")
+    if forced in launches:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"fastconv: FASTCONV_FUSED_BLOCK_KERNEL must be one of auto, {', '.join(launches)}; got {forced!r}")
+    if key in _CHOSEN_KERNEL:
+        return _CHOSEN_KERNEL[key]
+    if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or torch.are_deterministic_algorithms_enabled():
+        # No timer (the interpreter), no timing inside a graph capture, and deterministic mode
+        # takes one fixed kernel in every process (the two round the expansion differently).
+        return "gather"
+    from fastconv._timing import time_candidates
+
+    timings = time_candidates({name: (lambda launch=launch: launch()) for name, launch in launches.items()}, {})
+    _CHOSEN_KERNEL[key] = min(timings, key=timings.get) if timings else "gather"
+    return _CHOSEN_KERNEL[key]
 
 
 _STATS_CONFIGS = interpreter_first(
@@ -387,8 +449,10 @@ class Traffic:
     every hidden chunk and tap, weights per program); dram_bytes_estimate: the floor plus the
     weights once, i.e. assuming the gathers of one program stay in L1/L2 and the weights (at
     most 960 x 160 + 960 x 9 + 320 x 960 values, under 1 MB in fp16) in L2.
-    flops: the block's own work; kernel_flops: what this kernel executes, with the expansion
-    recomputed per tap and the expansion and depthwise per output-channel block.
+    flops: the block's own work; kernel_flops: what the gather kernel executes, with the
+    expansion recomputed per tap and the expansion and depthwise per output-channel block;
+    tiled_kernel_flops: the tiled kernel's at its default 8x8 tile, the expansion once per
+    window pixel (rounded up to its 64-pixel steps) and per output-channel block.
     """
 
     io_floor_bytes: int
@@ -398,6 +462,7 @@ class Traffic:
     dram_bytes_estimate: int
     flops: int
     kernel_flops: int
+    tiled_kernel_flops: int
 
 
 def traffic(
@@ -437,6 +502,10 @@ def traffic(
     dw_flops = 2 * pixels_out * c_hid * taps
     project_flops = 2 * pixels_out * c_hid * c_out
     kernel_expand = 2 * pixels_out * taps * c_in * c_hid * programs_o if expand else 0
+    tile, step = 8, 64  # the tiled kernel's default: 8x8 outputs, its window 64 pixels a step
+    window = ((tile - 1) * stride + kernel_size) ** 2
+    tiles = n * triton.cdiv(ho, tile) * triton.cdiv(wo, tile)
+    tiled_expand = 2 * tiles * triton.cdiv(window, step) * step * c_in * c_hid * programs_o if expand else 0
     return Traffic(
         io_floor_bytes=io_floor,
         unfused_bytes=unfused,
@@ -445,4 +514,6 @@ def traffic(
         dram_bytes_estimate=dram,
         flops=expand_flops + dw_flops + project_flops,
         kernel_flops=kernel_expand + dw_flops * programs_o + project_flops,
+        tiled_kernel_flops=(tiled_expand + dw_flops * programs_o + project_flops) if expand else
+        kernel_expand + dw_flops * programs_o + project_flops,
     )
