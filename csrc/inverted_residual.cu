@@ -9,14 +9,17 @@
 // with the BatchNorm scales folded into the weights by the caller (fastconv/ops/
 // inverted_residual.py) and the shifts as float32 biases.
 //
-// One CTA owns a kTileH x kTileW tile of output pixels of one image and every output channel.
-// It stages the tile's input window (the tile and its halo: ((kTileH - 1) s + (kh - 1) dil + 1)
-// rows, likewise columns) in shared memory once, as float, then walks the hidden channels in
-// chunks of kChunk: the chunk's expansion over the whole window into shared memory, its
+// One CTA owns a kTileH x kTileW tile of output pixels of one image and a group of up to
+// kGroupOut output channels. One group holds MobileNetV2's widest block (320); MobileNetV1's
+// 512- and 1024-channel blocks take two or three, one launch each, each redoing the depthwise
+// (the host offsets the projection's rows, its bias, the output and the residual per group:
+// done in the kernel, the offsets cost the 128-register budget 108 bytes of spills). It
+// stages the tile's input window (the tile and its halo: ((kTileH - 1) s + (kh - 1) dil + 1)
+// rows, likewise columns) in shared memory once, in x's dtype, then walks the hidden channels
+// in chunks of kChunk: the chunk's expansion over the whole window into shared memory, its
 // depthwise conv over the tile into shared memory, and the chunk's share of the projection
-// into per-thread float accumulators, which hold the tile's kTileH * kTileW * C_out outputs
-// (at most kMaxAcc per thread: C_out <= 384, MobileNetV2's widest is 320). Only x, the weights
-// and y touch global memory.
+// into per-thread float accumulators, which hold the tile's kTileH * kTileW outputs of the
+// group (at most kMaxAcc per thread). Only x, the weights and y touch global memory.
 //
 // This is the CUDA-core version: every product is an fp32 FMA, the intermediates stay fp32
 // (more exact than eager's half-precision e and d). The Triton kernel puts both GEMMs on the
@@ -29,6 +32,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -43,8 +47,8 @@ constexpr const char* kOp = "fastconv_cuda::inverted_residual_forward";
 constexpr int kThreads = 256;
 constexpr int kTileH = 4, kTileW = 4, kTile = kTileH * kTileW;
 constexpr int kChunk = 32;  // hidden channels per step
-constexpr int kMaxAcc = 24;  // accumulators per thread: kTile * C_out <= kThreads * kMaxAcc
-constexpr int64_t kMaxOut = int64_t{kThreads} * kMaxAcc / kTile;  // 384 output channels
+constexpr int kMaxAcc = 24;  // accumulators per thread: kTile * group <= kThreads * kMaxAcc
+constexpr int kGroupOut = kThreads * kMaxAcc / kTile;  // 384 output channels a launch
 constexpr int64_t kMaxSharedBytes = 96 * 1024;  // of sm_90's 227 KB: two CTAs an SM
 
 struct BlockArgs {
@@ -70,9 +74,17 @@ inline int window(int tile, int kernel, int stride, int dilation) {
   return (tile - 1) * stride + (kernel - 1) * dilation + 1;
 }
 
-inline int64_t shared_bytes(int win_h, int win_w, int64_t C_in) {
+// The window of x in x's dtype (16-byte aligned end), then the float chunks of e and d. In
+// half precision MobileNetV1's widest window fits: 1024 channels at stride 1 (6x6 pixels) take
+// 72 KB, 512 at stride 2 (9x9) 81 KB.
+__host__ __device__ inline int64_t window_bytes(int win_h, int win_w, int64_t C_in, int64_t element_size) {
+  return (int64_t{win_h} * win_w * C_in * element_size + 15) / 16 * 16;
+}
+
+inline int64_t shared_bytes(int win_h, int win_w, int64_t C_in, int64_t element_size) {
   const int64_t pixels = int64_t{win_h} * win_w;
-  return (pixels * C_in + pixels * kChunk + int64_t{kTile} * kChunk) * int64_t{sizeof(float)};
+  return window_bytes(win_h, win_w, C_in, element_size) +
+         (pixels * kChunk + int64_t{kTile} * kChunk) * int64_t{sizeof(float)};
 }
 
 __device__ __forceinline__ float act1(int act, float v) {
@@ -83,11 +95,11 @@ __device__ __forceinline__ float act1(int act, float v) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const BlockArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   const int pixels = a.win_h * a.win_w;
-  float* xs = smem;                        // [pixels][C_in]: the window of x
-  float* es = xs + int64_t{pixels} * a.C_in;  // [pixels][kChunk]: the chunk of e
-  float* ds = es + pixels * kChunk;        // [kTile][kChunk]: the chunk of d
+  T* xs = reinterpret_cast<T*>(smem);  // [pixels][C_in]: the window of x
+  float* es = reinterpret_cast<float*>(smem + window_bytes(a.win_h, a.win_w, a.C_in, sizeof(T)));  // [pixels][kChunk]
+  float* ds = es + pixels * kChunk;    // [kTile][kChunk]: the chunk of d
 
   const int tid = threadIdx.x;
   const int64_t tiles = int64_t{a.tiles_h} * a.tiles_w;
@@ -102,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const Block
     const int p = static_cast<int>(i / a.C_in);
     const int iy = iy0 + p / a.win_w, ix = ix0 + p % a.win_w;
     const bool inside = iy >= 0 && iy < a.H && ix >= 0 && ix < a.W;
-    xs[i] = inside ? static_cast<float>(x[c * a.xc + iy * a.xh + ix * a.xw]) : 0.f;
+    xs[i] = inside ? x[c * a.xc + iy * a.xh + ix * a.xw] : T(0.f);
   }
 
   float acc[kMaxAcc];
@@ -122,13 +134,13 @@ __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const Block
       const int iy = iy0 + p / a.win_w, ix = ix0 + p % a.win_w;
       float v = 0.f;
       if (h < a.C_hid && iy >= 0 && iy < a.H && ix >= 0 && ix < a.W) {
-        const float* xp = xs + int64_t{p} * a.C_in;
+        const T* xp = xs + int64_t{p} * a.C_in;
         if (we != nullptr) {
           const T* w = we + int64_t{h} * a.C_in;
-          for (int c = 0; c < a.C_in; ++c) v = fmaf(xp[c], static_cast<float>(w[c]), v);
+          for (int c = 0; c < a.C_in; ++c) v = fmaf(static_cast<float>(xp[c]), static_cast<float>(w[c]), v);
           v = act1(a.act_e, v + (a.be ? a.be[h] : 0.f));
         } else {
-          v = xp[h];
+          v = static_cast<float>(xp[h]);
         }
       }
       es[i] = v;
@@ -152,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const Block
       ds[i] = v;
     }
     __syncthreads();
-    // 3. The chunk's share of the projection: output (q, o) is thread j % kThreads's
+    // 3. The chunk's share of the projection: output (q, o0 + o) is thread j % kThreads's
     //    accumulator j / kThreads, j = o * kTile + q.
     const int width = min(kChunk, a.C_hid - h0);
 #pragma unroll
@@ -239,9 +251,7 @@ std::pair<int, int> check_block(const at::Tensor& x, const std::optional<at::Ten
   }
   check_matrix(dw_weight, "dw_weight", x, C_hid, kernel_size[0] * kernel_size[1], "(C_hid, kh * kw)");
   check_matrix(project_weight, "project_weight", x, C_out, C_hid, "(C_out, C_hid)");
-  FC_CHECK(C_out >= 1 && C_out <= kMaxOut, kOp, "project_weight",
-           c10::str("1 to ", kMaxOut, " output channels (the kernel's accumulators; wider blocks take Triton's)"),
-           C_out);
+  FC_CHECK(C_out >= 1 && C_out <= kMaxNarrowIndex, kOp, "project_weight", "1 to 2^30 output channels", C_out);
   check_bias(expand_bias, "expand_bias", x, C_hid);
   check_bias(dw_bias, "dw_bias", x, C_hid);
   check_bias(project_bias, "project_bias", x, C_out);
@@ -265,10 +275,11 @@ std::pair<int, int> check_block(const at::Tensor& x, const std::optional<at::Ten
   }
   const int win_h = window(kTileH, static_cast<int>(kernel_size[0]), static_cast<int>(stride), static_cast<int>(dilation));
   const int win_w = window(kTileW, static_cast<int>(kernel_size[1]), static_cast<int>(stride), static_cast<int>(dilation));
-  FC_CHECK(shared_bytes(win_h, win_w, C_in) <= kMaxSharedBytes, kOp, "x",
+  const int64_t bytes = shared_bytes(win_h, win_w, C_in, x.element_size());
+  FC_CHECK(bytes <= kMaxSharedBytes, kOp, "x",
            c10::str("few enough input channels for a tile's ", win_h, "x", win_w, " window in ", kMaxSharedBytes,
                     " bytes of shared memory (wider blocks take Triton's kernel)"),
-           c10::str(C_in, " channels: ", shared_bytes(win_h, win_w, C_in), " bytes"));
+           c10::str(C_in, " channels of ", x.element_size(), " bytes: ", bytes, " bytes"));
   return {win_h, win_w};
 }
 
@@ -324,14 +335,23 @@ void inverted_residual_forward(const at::Tensor& x, const std::optional<at::Tens
   a.tiles_w = static_cast<int>(ceil_div(a.Wo, kTileW));
   const int64_t blocks = x.size(0) * int64_t{a.tiles_h} * a.tiles_w;
   TORCH_CHECK(blocks < (int64_t{1} << 31), kOp, ": ", blocks, " tiles exceed the grid");
-  const int64_t bytes = shared_bytes(win_h, win_w, a.C_in);
+  const int64_t bytes = shared_bytes(win_h, win_w, a.C_in, x.element_size());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t element = x.element_size();
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cudaFuncSetAttribute(inverted_residual_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
-    inverted_residual_kernel<T><<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t o0 = 0; o0 < project_weight.size(0); o0 += kGroupOut) {  // one launch a group
+      BlockArgs g = a;
+      g.C_out = static_cast<int>(std::min<int64_t>(kGroupOut, project_weight.size(0) - o0));
+      g.wp = static_cast<const char*>(a.wp) + o0 * a.C_hid * element;
+      g.bp = a.bp != nullptr ? a.bp + o0 : nullptr;
+      g.out = static_cast<char*>(a.out) + o0 * a.oc * element;
+      g.residual = a.residual != nullptr ? static_cast<const char*>(a.residual) + o0 * a.rc * element : nullptr;
+      inverted_residual_kernel<T><<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(g);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   };
   switch (x.scalar_type()) {
     case at::kFloat: launch(float{}); break;

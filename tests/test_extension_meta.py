@@ -311,25 +311,26 @@ def test_inverted_residual_forward_checks_name_the_argument():
         cuda.inverted_residual_forward(x, we, None, wd, None, wp, None, [3, 3], 2, [1, 1], 1, 2, 2, 0, None, out)
 
     call()  # valid
-    with pytest.raises(RuntimeError, match=r"'project_weight' must be 1 to 384 output channels .*, but got 400"):
-        call(c_out=400)
+    call(c_out=400)  # two groups of output channels
     with pytest.raises(RuntimeError, match=r"'project_weight' must be a contiguous \(C_out, C_hid\) = \(6, 24\) matrix"):
         call(project=torch.empty(24, 6, dtype=torch.float16, device="meta").t())
     with pytest.raises(RuntimeError, match=r"'dw_weight' must be a contiguous \(C_hid, kh \* kw\) = \(24, 9\) matrix"):
         call(dw_shape=(24, 3, 3))
-    with pytest.raises(RuntimeError, match=r"'x' must be few enough input channels for a tile's 9x9 window in 98304 bytes"):
-        call(c_in=320, c_hid=320)
+    with pytest.raises(RuntimeError, match=r"'x' must be few enough input channels for a tile's 9x9 window in 98304 bytes"
+                                           r" of shared memory .*, but got 640 channels of 2 bytes: 116096 bytes"):  # fmt: skip
+        call(c_in=640, c_hid=640)
 
 
 @pytest.mark.parametrize("c_in, c_hid, c_out, stride, k, fits", [
     (160, 960, 320, 1, 3, True),  # MobileNetV2's widest blocks
     (96, 576, 160, 2, 3, True),
     (32, 32, 16, 1, 3, True),
-    (256, 256, 256, 2, 3, True),  # MobileNetV1's up to 256 channels
-    (512, 512, 512, 1, 3, False),  # 512 output channels: over the accumulators' 384
-    (320, 320, 320, 2, 3, False),  # a 9x9 window of 320 channels: 103 KB of shared memory
-    (64, 384, 384, 1, 5, True),
-    (64, 384, 385, 1, 3, False),
+    (256, 256, 256, 2, 3, True),  # MobileNetV1's blocks, all of them in half precision:
+    (512, 512, 512, 1, 3, True),  # two groups of output channels
+    (512, 512, 1024, 2, 3, True),  # a 9x9 window of 512 fp16 channels: 81 KB of shared memory
+    (1024, 1024, 1024, 1, 3, True),  # a 6x6 window of 1024: 72 KB
+    (640, 640, 640, 2, 3, False),  # a 9x9 window of 640: 111 KB
+    (64, 384, 385, 1, 3, True),
     (8, 16, 8, 5, 3, False),  # stride 5
 ])  # fmt: skip
 def test_inverted_residual_cuda_routing_mirrors_the_kernel_s_limits(c_in, c_hid, c_out, stride, k, fits):

@@ -53,6 +53,21 @@ def test_inverted_residual_cuda_any_layout_and_odd_tiles_sanitizer_subset(layout
     check("cuda", t, lowp=True, stride=2, use_residual=False)
 
 
+# MobileNetV1's widest depthwise-separable blocks (C_in, C_out, H=W, stride), small images: more
+# output channels than one CTA's group of 384 (the CUDA kernel's blockIdx.y), and windows of
+# 512 and 1024 half-precision channels in shared memory.
+MOBILENET_V1_WIDE_BLOCKS = [(256, 512, 7, 2), (512, 512, 5, 1), (512, 1024, 7, 2), (1024, 1024, 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("block", MOBILENET_V1_WIDE_BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-s{b[3]}")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_mobilenet_v1_wide_blocks_sanitizer_subset(backend, block, dtype):
+    c_in, c_out, hw, stride = block
+    t = make(c_in, 0, c_out, hw, n=2, dtype=dtype, expand=False)
+    check(backend, t, lowp=True, stride=stride, activation="relu", pw_activation="relu")
+
+
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("block", [MOBILENET_V2_BLOCKS[i] for i in (0, 2, 3, 10)], ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-s{b[4]}")
 def test_inverted_residual_training_sanitizer_subset(block, dtype):

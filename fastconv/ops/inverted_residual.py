@@ -11,8 +11,8 @@ functions `inverted_residual` and `depthwise_separable_conv2d` fill in its argum
 
 Backends: `triton` is the fused kernel with both GEMMs on the tensor cores
 (triton_kernels/inverted_residual.py); `cuda` the same dataflow in CUDA C++ on the CUDA cores
-(csrc/inverted_residual.cu: fp32 FMAs, up to 384 output channels and a tile's input window in
-96 KB of shared memory: every MobileNetV2 block, MobileNetV1's up to 256 channels); both get the
+(csrc/inverted_residual.cu: fp32 FMAs, one launch per 384 output channels, a tile's input window
+in 96 KB of shared memory: every MobileNetV2 and MobileNetV1 block in half precision); both get the
 scales folded into the weights on the host per call, a weight-sized multiply that the modules
 avoid by passing folded weights and no scales. `torch` is the unfused reference chain
 (fastconv.reference), also the CPU default and the float64 path. `auto` times the GPU two.
@@ -165,9 +165,8 @@ def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, p
     return out
 
 
-# csrc/inverted_residual.cu's limits: its accumulators hold a 4x4 tile's outputs for up to 384
-# channels, and a tile's input window of x (with the chunk's expansion) fits 96 KB of shared memory.
-_CUDA_MAX_OUT = 384
+# csrc/inverted_residual.cu's limit: a tile's input window of x (with the chunk's expansion)
+# fits 96 KB of shared memory. Any number of output channels: one launch per 384.
 _CUDA_MAX_SHARED = 96 * 1024
 
 
@@ -179,11 +178,11 @@ def _cuda_supports(**arguments) -> Optional[str]:
     if stride > 4 or dilation > 4 or max(kh, kw) > 15 or max(arguments["padding"][:2]) > 64:
         return (f"its CUDA kernel takes strides and dilations up to 4, windows up to 15x15 and paddings up to 64; "
                 f"got stride {stride}, dilation {dilation}, a {kh}x{kw} window, padding {list(arguments['padding'])}")
-    c_out = arguments["project_weight"].shape[0]
-    if c_out > _CUDA_MAX_OUT:
-        return f"its CUDA kernel takes up to {_CUDA_MAX_OUT} output channels; got {c_out}"
+    # A 4x4 tile's window of x in x's dtype (rounded up to 16 bytes), then float chunks of
+    # 32 hidden channels of e over the window and of d over the tile (csrc/inverted_residual.cu).
     window = ((4 - 1) * stride + (kh - 1) * dilation + 1) * ((4 - 1) * stride + (kw - 1) * dilation + 1)
-    needed = (window * arguments["x"].shape[1] + window * 32 + 16 * 32) * 4
+    x = arguments["x"]
+    needed = -(-window * x.shape[1] * x.element_size() // 16) * 16 + (window * 32 + 16 * 32) * 4
     if needed > _CUDA_MAX_SHARED:
         return f"its CUDA kernel's tile window needs {needed} bytes of shared memory, over {_CUDA_MAX_SHARED}"
     return None
