@@ -142,6 +142,34 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("kernel", ["gather", "tiled"])
+@pytest.mark.parametrize("n, size, stride, k", [(2, 11, 1, 3), (1, 13, 2, 5)], ids=["s1-k3", "s2-k5"])
+def test_hidden_statistics_of_both_kernels_match_float64(kernel, n, size, stride, k, monkeypatch):
+    """The training forward's statistics pass (the depthwise output's batch mean and variance,
+    never stored) against float64, on both Triton kernels, with the tiled kernel's GPU default
+    tile (8x8: ragged tiles in both directions, more tiles than the interpreter's 4 programs, so
+    each program merges several into its row) and a ragged hidden chunk."""
+    from fastconv.triton_kernels import inverted_residual as kernels
+    from fastconv.triton_kernels import inverted_residual_tiled as tiled
+
+    if kernel == "tiled":
+        tuner = tiled.hidden_stats_tiled
+        default = tuner.all_configs[1] if len(tuner.all_configs) > 1 and fastconv.backends.interpreting() else tuner.all_configs[0]
+        monkeypatch.setattr(tuner, "configs", [default])
+    monkeypatch.setenv("FASTCONV_FUSED_BLOCK_KERNEL", kernel)
+    c_in, c_hid, pad = 12, 40, k // 2
+    x = random_tensor((n, c_in, size, size), torch.float32, "channels_last")
+    we, be = torch.randn(c_hid, c_in, device=DEVICE) / c_in**0.5, torch.randn(c_hid, device=DEVICE) * 0.5 + 0.5
+    wd = torch.randn(c_hid, k * k, device=DEVICE) / k
+    ho = (size + 2 * pad - k) // stride + 1
+    mean, var = kernels.hidden_statistics(x, we, be, wd, (k, k), stride, (pad, pad), (ho, ho), 1, 2)  # relu6
+    e = F.relu6(F.conv2d(x.double(), we.double()[:, :, None, None]) + be.double()[None, :, None, None])
+    d = F.conv2d(e, wd.double().view(c_hid, 1, k, k), stride=stride, padding=pad, groups=c_hid)
+    want_var, want_mean = torch.var_mean(d, dim=(0, 2, 3), correction=0)
+    assert_matches_reference("mean", mean, want_mean, terms=k * k * c_in)
+    assert_matches_reference("var", var, want_var, terms=k * k * c_in)
+
+
 def test_kept_activation_memory_is_under_one_over_t():
     """24 -> 144 -> 24 (t = 6): the fused op keeps x, the pre-BatchNorm projection, the weights
     and the statistics; the unfused chain keeps four 144-wide tensors besides."""

@@ -181,6 +181,18 @@ def case_inverted_residual_tiled(dtype, stride, residual):
             os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = previous
 
 
+def case_hidden_statistics_tiled(dtype, stride):
+    """The tiled statistics pass (inverted_residual_tiled.hidden_stats_tiled)."""
+    previous = os.environ.get("FASTCONV_FUSED_BLOCK_KERNEL")
+    os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = "tiled"
+    try:
+        case_hidden_statistics(dtype, True, stride)
+    finally:
+        os.environ.pop("FASTCONV_FUSED_BLOCK_KERNEL")
+        if previous is not None:
+            os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = previous
+
+
 def case_hidden_statistics(dtype, expand, stride):
     """The training forward's statistics pass over the depthwise output (no projection)."""
     from fastconv.triton_kernels.inverted_residual import hidden_statistics
@@ -256,6 +268,8 @@ CASES = {
     "inverted_residual stats fp16 s1": (case_hidden_statistics, ("float16", True, 1)),
     "inverted_residual stats fp32 s2": (case_hidden_statistics, ("float32", True, 2)),
     "inverted_residual stats bf16 no expand": (case_hidden_statistics, ("bfloat16", False, 1)),
+    "inverted_residual stats tiled fp16 s1": (case_hidden_statistics_tiled, ("float16", 1)),
+    "inverted_residual stats tiled fp32 s2": (case_hidden_statistics_tiled, ("float32", 2)),
 }
 
 

@@ -169,9 +169,30 @@ def fused_block_workload(kernel: str):
     residual and stride 2, odd sizes, fp16, against float64 with the 2x-PyTorch rule (SiLU)."""
     from test_inverted_residual import check, make
 
+    import os
+
+    import torch.nn.functional as F
+
+    from fastconv.triton_kernels.inverted_residual import hidden_statistics
+
     for c_in, c_hid, c_out, hw, stride, residual in ((24, 144, 24, 15, 1, True), (32, 192, 64, 13, 2, False)):
         t = make(c_in, c_hid, c_out, hw, n=2, dtype=torch.float16)
         check(f"triton:{kernel}", t, lowp=True, stride=stride, use_residual=residual, activation="silu")
+        # The training forward's statistics pass over the same block (its kernel forced alike).
+        we, wd = t["expand_weight"].view(c_hid, c_in), t["dw_weight"].view(c_hid, 9)
+        be = torch.randn(c_hid, device="cuda")
+        ho = (hw - 1) // stride + 1
+        os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = kernel
+        try:
+            mean, var = hidden_statistics(t["x"], we, be, wd, (3, 3), stride, (1, 1), (ho, ho), 1, 2)
+        finally:
+            os.environ.pop("FASTCONV_FUSED_BLOCK_KERNEL")
+        e = F.relu6(F.conv2d(t["x"].double(), we.double()[:, :, None, None]) + be.double()[None, :, None, None])
+        d = F.conv2d(e, wd.double().view(c_hid, 1, 3, 3), stride=stride, padding=1, groups=c_hid)
+        want_var, want_mean = torch.var_mean(d, dim=(0, 2, 3), correction=0)
+        # The tiled kernel rounds e to fp16 as eager's expanded tensor is: 1% catches a wrong index.
+        for got, want in ((mean, want_mean), (var, want_var)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 # Each module of fastconv.triton_kernels, with the workload that reaches all of its kernels.

@@ -410,28 +410,58 @@ def hidden_statistics(
     if not channels_innermost(x) and C_in > 1:
         x = x.contiguous(memory_format=torch.channels_last)
     we = expand_weight if expand_weight is not None else x
-    tiles = triton.cdiv(P, min(config.kwargs["BLOCK_P"] for config in _hidden_stats.configs))
-    partial_mean = torch.empty(tiles, C_hid, dtype=torch.float64, device=x.device)  # see tile_moments
-    partial_m2 = torch.empty(tiles, C_hid, dtype=torch.float32, device=x.device)
-    chosen = {}
+    strides = (*x.stride(), we.stride(0) if expand_weight is not None else 0,
+               we.stride(1) if expand_weight is not None else 0, dw_weight.stride(0), dw_weight.stride(1))  # fmt: skip
+    flags = dict(KH=kh, KW=kw, STRIDE=int(stride), DILATION=int(dilation), HAS_BE=expand_bias is not None,
+                 ACT_E=int(expand_activation), TF32=bool(allow_tf32) and x.dtype == torch.float32,
+                 INDEX_64=needs_64bit_index([x], _INDEX_HEADROOM))  # fmt: skip
+    be = expand_bias if expand_bias is not None else x
+    result = {}
 
-    def grid(meta):
-        chosen["BLOCK_P"] = meta["BLOCK_P"]  # the autotuner's last call is the real launch
-        return (triton.cdiv(P, meta["BLOCK_P"]),)
+    def gather():
+        tiles = triton.cdiv(P, min(config.kwargs["BLOCK_P"] for config in _hidden_stats.configs))
+        partial_mean = torch.empty(tiles, C_hid, dtype=torch.float64, device=x.device)  # see tile_moments
+        partial_m2 = torch.empty(tiles, C_hid, dtype=torch.float32, device=x.device)
+        chosen = {}
 
-    _hidden_stats[grid](
-        x, we, expand_bias if expand_bias is not None else x, dw_weight, partial_mean, partial_m2,
-        P, H, W, HO, WO, C_in, C_hid, padding[0], padding[1], *x.stride(),
-        we.stride(0) if expand_weight is not None else 0, we.stride(1) if expand_weight is not None else 0,
-        dw_weight.stride(0), dw_weight.stride(1),
-        KH=kh, KW=kw, STRIDE=int(stride), DILATION=int(dilation), HAS_EXPAND=expand_weight is not None,
-        HAS_BE=expand_bias is not None, ACT_E=int(expand_activation), TF32=bool(allow_tf32) and x.dtype == torch.float32,
-        INDEX_64=needs_64bit_index([x], _INDEX_HEADROOM),
-    )  # fmt: skip
-    block = chosen["BLOCK_P"]
-    used = triton.cdiv(P, block)
-    counts = torch.arange(used, device=x.device, dtype=torch.float64).mul_(-block).add_(P).clamp_(max=block)[:, None]
-    return merge_partitions(counts, partial_mean[:used], partial_m2[:used], P, torch.float32)
+        def grid(meta):
+            chosen["BLOCK_P"] = meta["BLOCK_P"]  # the autotuner's last call is the real launch
+            return (triton.cdiv(P, meta["BLOCK_P"]),)
+
+        _hidden_stats[grid](x, we, be, dw_weight, partial_mean, partial_m2, P, H, W, HO, WO, C_in, C_hid, padding[0],
+                            padding[1], *strides, HAS_EXPAND=expand_weight is not None, **flags)  # fmt: skip
+        block = chosen["BLOCK_P"]
+        used = triton.cdiv(P, block)
+        counts = torch.arange(used, device=x.device, dtype=torch.float64).mul_(-block).add_(P).clamp_(max=block)[:, None]
+        result["stats"] = merge_partitions(counts, partial_mean[:used], partial_m2[:used], P, torch.float32)
+
+    if expand_weight is None:
+        gather()
+        return result["stats"]
+    from fastconv.triton_kernels import inverted_residual_tiled as tiled_kernels
+
+    def tiled():
+        kernel = tiled_kernels.hidden_stats_tiled
+        configs = list({id(c): c for c in [*kernel.all_configs, *kernel.configs]}.values())
+        slot = max(tiled_kernels.slot_elements(c, kernel_size, int(stride), int(dilation)) for c in configs)
+        programs = parallel_programs(x.device)
+        scratch = torch.empty(programs * slot, dtype=x.dtype, device=x.device)
+        # Rows start empty (count 0, mean 0, M2 0): each program merges its tiles into its row.
+        counts = torch.zeros(programs, dtype=torch.float32, device=x.device)
+        partial_mean = torch.zeros(programs, C_hid, dtype=torch.float64, device=x.device)
+        partial_m2 = torch.zeros(programs, C_hid, dtype=torch.float32, device=x.device)
+
+        def grid(meta):
+            return (min(N * triton.cdiv(HO, meta["TILE_H"]) * triton.cdiv(WO, meta["TILE_W"]), programs),)
+
+        kernel[grid](x, we, be, dw_weight, scratch, counts, partial_mean, partial_m2, N, H, W, HO, WO, C_in, C_hid,
+                     padding[0], padding[1], *strides, slot, **flags)  # fmt: skip
+        # Rows of programs the grid left out keep count 0: they add nothing to the merge.
+        result["stats"] = merge_partitions(counts[:, None], partial_mean, partial_m2, P, torch.float32)
+
+    key = ("statistics", N, C_in, H, W, C_hid, kernel_size, int(stride), int(dilation), x.dtype, x.stride(), flags["TF32"])
+    {"gather": gather, "tiled": tiled}[_kernel_choice(x, key, {"gather": gather, "tiled": tiled})]()
+    return result["stats"]
 
 
 # --------------------------------------------------------------------------------------------
