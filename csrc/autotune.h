@@ -47,7 +47,8 @@ enum TuneOp : int {
   kOpBnStats = 6,
   kOpBnGradSums = 7,
   kOpBnGradInput = 8,
-  kTuneOpCount = 9,
+  kOpFusedBlock = 9,
+  kTuneOpCount = 10,
 };
 
 inline const char* tune_op_name(int op) {
@@ -55,7 +56,7 @@ inline const char* tune_op_name(int op) {
       "bn_act_forward",    "bn_act_backward",     "depthwise_forward",
       "depthwise_backward_input", "pointwise_forward", "conv_bn_act_forward",
       "batch_norm_stats", "batch_norm_act_backward.grad_sums",
-      "batch_norm_act_backward.grad_input"};
+      "batch_norm_act_backward.grad_input", "inverted_residual_forward.tensor_cores"};
   return op >= 0 && op < kTuneOpCount ? kNames[op] : "unknown";
 }
 

@@ -21,9 +21,11 @@
 // into per-thread float accumulators, which hold the tile's kTileH * kTileW outputs of the
 // group (at most kMaxAcc per thread). Only x, the weights and y touch global memory.
 //
-// This is the CUDA-core version: every product is an fp32 FMA, the intermediates stay fp32
-// (more exact than eager's half-precision e and d). The Triton kernel puts both GEMMs on the
-// tensor cores; `auto` times the two and keeps the faster. Unmeasured: no GPU has run it.
+// This is the CUDA-core kernel: every product is an fp32 FMA, the intermediates stay fp32
+// (more exact than eager's half-precision e and d), every dtype. In half precision the op's
+// `kernel` argument picks it (0) or the tensor-core kernel (1, inverted_residual_mma.cu: both
+// GEMMs on mma.sync, 8x8 tiles); the Python caller times the two at a shape's first call, and
+// `auto` times the cuda backend against Triton's kernels. Unmeasured: no GPU has run either.
 // ptxas (sm_90, nvcc 13.0, offline): 128 registers for each dtype, no spills.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
@@ -39,6 +41,7 @@
 #include "activations.cuh"
 #include "checks.h"
 #include "common.cuh"
+#include "inverted_residual.h"
 
 namespace fastconv {
 namespace {
@@ -51,29 +54,6 @@ constexpr int kMaxAcc = 24;  // accumulators per thread: kTile * group <= kThrea
 constexpr int kGroupOut = kThreads * kMaxAcc / kTile;  // 384 output channels a launch
 constexpr int64_t kMaxSharedBytes = 96 * 1024;  // of sm_90's 227 KB: two CTAs an SM
 
-struct BlockArgs {
-  const void* x;
-  int64_t xn, xc, xh, xw;  // x element strides
-  int C_in, C_hid, C_out, H, W, Ho, Wo;
-  const void* we;  // (C_hid, C_in) contiguous, or null: no expansion (C_hid == C_in)
-  const void* wd;  // (C_hid, kh * kw) contiguous, taps row-major
-  const void* wp;  // (C_out, C_hid) contiguous
-  const float *be, *bd, *bp;  // float32 biases, or null
-  int kh, kw, stride, dilation, pad_top, pad_left;
-  int act_e, act_d, act_p;
-  const void* residual;  // (N, C_out, Ho, Wo) or null
-  int64_t rn, rc, rh, rw;
-  void* out;
-  int64_t on, oc, oh, ow;
-  int win_h, win_w;  // the input window of a tile
-  int tiles_h, tiles_w;
-};
-
-// The input window of a tile: its rows and columns of x, the halo included.
-inline int window(int tile, int kernel, int stride, int dilation) {
-  return (tile - 1) * stride + (kernel - 1) * dilation + 1;
-}
-
 // The window of x in x's dtype (16-byte aligned end), then the float chunks of e and d. In
 // half precision MobileNetV1's widest window fits: 1024 channels at stride 1 (6x6 pixels) take
 // 72 KB, 512 at stride 2 (9x9) 81 KB.
@@ -85,12 +65,6 @@ inline int64_t shared_bytes(int win_h, int win_w, int64_t C_in, int64_t element_
   const int64_t pixels = int64_t{win_h} * win_w;
   return window_bytes(win_h, win_w, C_in, element_size) +
          (pixels * kChunk + int64_t{kTile} * kChunk) * int64_t{sizeof(float)};
-}
-
-__device__ __forceinline__ float act1(int act, float v) {
-  float z[1] = {v};
-  activation_forward(act, z);
-  return z[0];
 }
 
 template <typename T>
@@ -138,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const Block
         if (we != nullptr) {
           const T* w = we + int64_t{h} * a.C_in;
           for (int c = 0; c < a.C_in; ++c) v = fmaf(static_cast<float>(xp[c]), static_cast<float>(w[c]), v);
-          v = act1(a.act_e, v + (a.be ? a.be[h] : 0.f));
+          v = activation_of(a.act_e, v + (a.be ? a.be[h] : 0.f));
         } else {
           v = static_cast<float>(xp[h]);
         }
@@ -159,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const Block
             v = fmaf(es[p * kChunk + hh], static_cast<float>(w[ky * a.kw + kx]), v);
           }
         }
-        v = act1(a.act_d, v + (a.bd ? a.bd[h] : 0.f));
+        v = activation_of(a.act_d, v + (a.bd ? a.bd[h] : 0.f));
       }
       ds[i] = v;
     }
@@ -190,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const Block
     const int q = j % kTile, o = j / kTile;
     const int oy = oy0 + q / kTileW, ox = ox0 + q % kTileW;
     if (oy >= a.Ho || ox >= a.Wo) continue;
-    float v = act1(a.act_p, acc[k] + (a.bp ? a.bp[o] : 0.f));
+    float v = activation_of(a.act_p, acc[k] + (a.bp ? a.bp[o] : 0.f));
     if (residual != nullptr) v += static_cast<float>(residual[n * a.rn + o * a.rc + oy * a.rh + ox * a.rw]);
     out[n * a.on + o * a.oc + oy * a.oh + ox * a.ow] = static_cast<T>(v);
   }
@@ -225,7 +199,7 @@ std::pair<int, int> check_block(const at::Tensor& x, const std::optional<at::Ten
                                 const std::optional<at::Tensor>& project_bias, at::IntArrayRef kernel_size,
                                 int64_t stride, at::IntArrayRef padding, int64_t dilation, int64_t act_e,
                                 int64_t act_d, int64_t act_p, const std::optional<at::Tensor>& residual,
-                                const at::Tensor& out) {
+                                const at::Tensor& out, int64_t kernel) {
   check_input(kOp, x, "x", 4);
   FC_CHECK(is_supported_dtype(x.scalar_type()), kOp, "x", "float32, float16 or bfloat16", x.scalar_type());
   FC_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1 && x.size(2) <= kMaxNarrowIndex &&
@@ -273,8 +247,17 @@ std::pair<int, int> check_block(const at::Tensor& x, const std::optional<at::Ten
     FC_CHECK(x.is_meta() || at::get_overlap_status(out, *r) == at::MemOverlapStatus::No, kOp, "residual",
              "a tensor that does not overlap out", "one that does");
   }
-  const int win_h = window(kTileH, static_cast<int>(kernel_size[0]), static_cast<int>(stride), static_cast<int>(dilation));
-  const int win_w = window(kTileW, static_cast<int>(kernel_size[1]), static_cast<int>(stride), static_cast<int>(dilation));
+  FC_CHECK(kernel == kCudaCoreKernel || kernel == kTensorCoreKernel, kOp, "kernel",
+           c10::str(kCudaCoreKernel, " (CUDA cores) or ", kTensorCoreKernel, " (tensor cores)"), kernel);
+  const int k_h = static_cast<int>(kernel_size[0]), k_w = static_cast<int>(kernel_size[1]);
+  const int s = static_cast<int>(stride), dil = static_cast<int>(dilation);
+  if (kernel == kTensorCoreKernel) {
+    const int win_h = window(mma_block::kTileH, k_h, s, dil), win_w = window(mma_block::kTileW, k_w, s, dil);
+    const std::string why = mma_block::unsupported(x.scalar_type(), C_in, C_hid, win_h, win_w, present(expand_weight));
+    FC_CHECK(why.empty(), kOp, "kernel", c10::str("a block the tensor-core kernel takes: ", why), kernel);
+    return {win_h, win_w};
+  }
+  const int win_h = window(kTileH, k_h, s, dil), win_w = window(kTileW, k_w, s, dil);
   const int64_t bytes = shared_bytes(win_h, win_w, C_in, x.element_size());
   FC_CHECK(bytes <= kMaxSharedBytes, kOp, "x",
            c10::str("few enough input channels for a tile's ", win_h, "x", win_w, " window in ", kMaxSharedBytes,
@@ -289,9 +272,9 @@ void inverted_residual_forward_meta(const at::Tensor& x, const std::optional<at:
                                     const std::optional<at::Tensor>& project_bias, at::IntArrayRef kernel_size,
                                     int64_t stride, at::IntArrayRef padding, int64_t dilation, int64_t act_e,
                                     int64_t act_d, int64_t act_p, const std::optional<at::Tensor>& residual,
-                                    const at::Tensor& out) {
+                                    const at::Tensor& out, int64_t kernel) {
   check_block(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight, project_bias, kernel_size, stride,
-              padding, dilation, act_e, act_d, act_p, residual, out);
+              padding, dilation, act_e, act_d, act_p, residual, out, kernel);
 }
 
 void inverted_residual_forward(const at::Tensor& x, const std::optional<at::Tensor>& expand_weight,
@@ -300,10 +283,10 @@ void inverted_residual_forward(const at::Tensor& x, const std::optional<at::Tens
                                const std::optional<at::Tensor>& project_bias, at::IntArrayRef kernel_size,
                                int64_t stride, at::IntArrayRef padding, int64_t dilation, int64_t act_e,
                                int64_t act_d, int64_t act_p, const std::optional<at::Tensor>& residual,
-                               const at::Tensor& out) {
+                               const at::Tensor& out, int64_t kernel) {
   const auto [win_h, win_w] = check_block(x, expand_weight, expand_bias, dw_weight, dw_bias, project_weight,
                                           project_bias, kernel_size, stride, padding, dilation, act_e, act_d, act_p,
-                                          residual, out);
+                                          residual, out, kernel);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   BlockArgs a{};
@@ -331,12 +314,29 @@ void inverted_residual_forward(const at::Tensor& x, const std::optional<at::Tens
   a.out = out.data_ptr();
   a.on = out.stride(0), a.oc = out.stride(1), a.oh = out.stride(2), a.ow = out.stride(3);
   a.win_h = win_h, a.win_w = win_w;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (kernel == kTensorCoreKernel) {
+    // Its operands are loaded as 32-bit channel pairs: weights whose data starts at an odd
+    // element (a sliced parameter) are copied once (clone aligns them).
+    at::Tensor we_aligned, wp_aligned;
+    if (a.we != nullptr && reinterpret_cast<uintptr_t>(a.we) % 4 != 0) {
+      we_aligned = expand_weight->clone();
+      a.we = we_aligned.const_data_ptr();
+    }
+    if (reinterpret_cast<uintptr_t>(a.wp) % 4 != 0) {
+      wp_aligned = project_weight.clone();
+      a.wp = wp_aligned.const_data_ptr();
+    }
+    a.tiles_h = static_cast<int>(ceil_div(a.Ho, mma_block::kTileH));
+    a.tiles_w = static_cast<int>(ceil_div(a.Wo, mma_block::kTileW));
+    mma_block::launch(a, x.scalar_type(), x.get_device(), x.size(0), stream);
+    return;
+  }
   a.tiles_h = static_cast<int>(ceil_div(a.Ho, kTileH));
   a.tiles_w = static_cast<int>(ceil_div(a.Wo, kTileW));
   const int64_t blocks = x.size(0) * int64_t{a.tiles_h} * a.tiles_w;
   TORCH_CHECK(blocks < (int64_t{1} << 31), kOp, ": ", blocks, " tiles exceed the grid");
   const int64_t bytes = shared_bytes(win_h, win_w, a.C_in, x.element_size());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t element = x.element_size();
   auto launch = [&](auto tag) {
     using T = decltype(tag);

@@ -65,12 +65,14 @@ TORCH_LIBRARY(fastconv_cuda, m) {
       "bn_act_avg_pool(Tensor x, Tensor scale, Tensor shift, int activation, Tensor(a!) out) -> ()");
 
   // inverted_residual: the fused MobileNet block, expansion, depthwise and projection with
-  // their folded BatchNorms, written into `out` (inverted_residual.cu).
+  // their folded BatchNorms, written into `out` (inverted_residual.cu); kernel 0 on the CUDA
+  // cores (every dtype), 1 on the tensor cores (fp16 / bf16: inverted_residual_mma.cu).
   m.def(
       "inverted_residual_forward(Tensor x, Tensor? expand_weight, Tensor? expand_bias,"
       " Tensor dw_weight, Tensor? dw_bias, Tensor project_weight, Tensor? project_bias,"
       " int[2] kernel_size, int stride, int[2] padding, int dilation, int expand_activation,"
-      " int dw_activation, int project_activation, Tensor? residual, Tensor(a!) out) -> ()");
+      " int dw_activation, int project_activation, Tensor? residual, Tensor(a!) out,"
+      " int kernel=0) -> ()");
 
   // batch_norm: the training BatchNorm's statistics and backward (batch_norm.cu).
   m.def("batch_norm_stats(Tensor c) -> (Tensor, Tensor)");

@@ -7,6 +7,7 @@ caller, so this cost is paid once per op, shape, dtype and layout, as with cudnn
 
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Callable
 
@@ -34,3 +35,25 @@ def time_candidates(functions: dict[str, Callable], arguments: dict) -> dict[str
             samples.append(start.elapsed_time(end))
         timings[name] = statistics.median(samples)
     return timings
+
+
+def choose_kernel(env_var: str, launches: dict[str, Callable[[], object]], key: tuple, x: torch.Tensor,
+                  chosen: dict) -> str:  # fmt: skip
+    """Which of an op's kernels runs a shape: `env_var` names one to force it; otherwise each
+    launch is timed at the shape's first call on a GPU and the fastest is cached in `chosen`
+    under `key`. Without a GPU timer (the interpreter), inside a graph capture and in
+    deterministic mode the first launch runs: the kernels round differently, and deterministic
+    mode must take one fixed kernel in every process."""
+    forced = os.environ.get(env_var, "auto")
+    if forced in launches:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"fastconv: {env_var} must be one of auto, {', '.join(launches)}; got {forced!r}")
+    if key in chosen:
+        return chosen[key]
+    default = next(iter(launches))
+    if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or torch.are_deterministic_algorithms_enabled():
+        return default
+    timings = time_candidates({name: (lambda launch=launch: launch()) for name, launch in launches.items()}, {})
+    chosen[key] = min(timings, key=timings.get) if timings else default
+    return chosen[key]

@@ -205,32 +205,28 @@ def on_backend(backend: str) -> Iterator[None]:
     kernel) skips the test with the backend's reason: that refusal is the documented behaviour.
 
     "triton:tiled" and "triton:gather" are the triton backend with the fused block's kernel
-    forced (FASTCONV_FUSED_BLOCK_KERNEL; see with_fused_block_kernels)."""
+    forced, "cuda:cuda_cores" and "cuda:tensor_cores" the cuda backend's (see
+    fastconv.ops.inverted_residual.forced_kernel and with_fused_block_kernels)."""
+    from fastconv.ops.inverted_residual import forced_kernel
+
     backend, _, kernel = backend.partition(":")
-    previous = os.environ.get("FASTCONV_FUSED_BLOCK_KERNEL")
-    if kernel:
-        os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = kernel
-    try:
-        with fastconv.use_backend(backend):
-            try:
-                yield
-            except RuntimeError as error:
-                if str(error).startswith(f"fastconv: backend {backend!r} cannot run "):
-                    pytest.skip(str(error))
-                raise
-    finally:
-        if kernel:
-            os.environ.pop("FASTCONV_FUSED_BLOCK_KERNEL")
-            if previous is not None:
-                os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = previous
+    with forced_kernel(backend, kernel), fastconv.use_backend(backend):
+        try:
+            yield
+        except RuntimeError as error:
+            if str(error).startswith(f"fastconv: backend {backend!r} cannot run "):
+                pytest.skip(str(error))
+            raise
 
 
 def with_fused_block_kernels(params: list) -> list:
-    """Backend params (backends_under_test's) plus "triton:tiled": the fused inverted residual's
-    second Triton kernel (the expansion once per window pixel), which `auto` only picks by
-    timing on a GPU; plain "triton" runs the gather kernel wherever there is no GPU timer."""
-    triton = [p for p in params if p.values[0] == "triton"]
-    extra = [pytest.param("triton:tiled", marks=p.marks, id="triton-tiled") for p in triton]
+    """Backend params (backends_under_test's) plus the fused inverted residual's second kernel of
+    each GPU backend, which `auto` only picks by timing on a GPU: "triton:tiled" (the expansion
+    once per window pixel; plain "triton" runs the gather kernel wherever there is no GPU timer)
+    and, on a GPU, "cuda:tensor_cores" (plain "cuda" runs whichever its first-call timing keeps)."""
+    extra = [pytest.param(f"{p.values[0]}:{kernel}", marks=p.marks, id=f"{p.values[0]}-{kernel}")
+             for p in params for backend, kernel in (("triton", "tiled"), ("cuda", "tensor_cores"))
+             if p.values[0] == backend]  # fmt: skip
     return list(params) + extra
 
 

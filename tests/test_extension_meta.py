@@ -355,3 +355,48 @@ def test_inverted_residual_cuda_routing_mirrors_the_kernel_s_limits(c_in, c_hid,
     except RuntimeError:
         accepted = False
     assert routed == accepted == fits
+
+
+@pytest.mark.parametrize("c_in, c_hid, c_out, stride, k, expand, dtype, fits", [
+    (160, 960, 320, 1, 3, True, torch.float16, True),  # MobileNetV2's widest stride-1 block
+    (96, 576, 160, 2, 3, True, torch.bfloat16, True),  # its widest stride-2 block: a 17x17 window, 92 KB
+    (32, 32, 16, 1, 3, False, torch.float16, True),  # the first block: x's chunks read from global memory
+    (1024, 1024, 1024, 1, 3, False, torch.bfloat16, True),  # MobileNetV1's: no window of x staged
+    (512, 512, 1024, 2, 3, False, torch.float16, True),
+    (24, 24, 24, 1, 3, True, torch.float16, True),  # an expansion of ratio 1 still stages x
+    (512, 512, 512, 2, 3, True, torch.float16, False),  # 304 padded pixels x 520 halves of x: 310 KB
+    (24, 144, 24, 1, 3, True, torch.float32, False),  # float32 takes the CUDA-core kernel only
+    (25, 150, 24, 1, 3, True, torch.float16, False),  # odd C_in: channel pairs
+    (24, 145, 24, 1, 3, True, torch.float16, False),  # odd C_hid
+])  # fmt: skip
+def test_inverted_residual_tensor_core_choice_mirrors_the_kernel_s_limits(c_in, c_hid, c_out, stride, k, expand,
+                                                                          dtype, fits):  # fmt: skip
+    """The cuda backend offers its tensor-core kernel to the first-call timing exactly when the
+    kernel's own checks (kernel=1) accept the block, and a refused block names `kernel` and why."""
+    from fastconv.ops.inverted_residual import _tensor_core_kernel_supports
+
+    x = meta((2, c_in, 15, 15), dtype)
+    we = torch.empty(c_hid, c_in, dtype=dtype, device="meta") if expand else None
+    wd = torch.empty(c_hid, k * k, dtype=dtype, device="meta")
+    wp = torch.empty(c_out, c_hid, dtype=dtype, device="meta")
+    offered = _tensor_core_kernel_supports(x, expand, wd.view(c_hid, 1, k, k), stride, 1) is None
+    size = (15 + 2 * (k // 2) - k) // stride + 1
+    out = meta((2, c_out, size, size), dtype)
+    try:
+        cuda.inverted_residual_forward(x, we, None, wd, None, wp, None, [k, k], stride, [k // 2, k // 2], 1,
+                                       2 if expand else 0, 2, 0, None, out, kernel=1)  # fmt: skip
+        accepted = True
+    except RuntimeError as error:
+        assert "'kernel' must be a block the tensor-core kernel takes" in str(error)
+        accepted = False
+    assert offered == accepted == fits
+
+
+def test_inverted_residual_forward_kernel_code_is_checked():
+    x = meta((2, 8, 9, 7), torch.float16)
+    wd = torch.empty(8, 9, dtype=torch.float16, device="meta")
+    wp = torch.empty(6, 8, dtype=torch.float16, device="meta")
+    out = meta((2, 6, 5, 4), torch.float16)
+    with pytest.raises(RuntimeError, match=r"'kernel' must be 0 \(CUDA cores\) or 1 \(tensor cores\), but got 2"):
+        cuda.inverted_residual_forward(x, None, None, wd, None, wp, None, [3, 3], 2, [1, 1], 1, 0, 2, 0, None, out,
+                                       kernel=2)  # fmt: skip

@@ -10,6 +10,7 @@ The module tests (torchvision's blocks, training) are in test_inverted_residual_
 from __future__ import annotations
 
 import importlib
+import os
 import re
 
 import pytest
@@ -210,6 +211,35 @@ def test_kernel_choice_is_named_when_forced_wrongly(monkeypatch):
     monkeypatch.setenv("FASTCONV_FUSED_BLOCK_KERNEL", "fast")
     with pytest.raises(ValueError, match=r"FASTCONV_FUSED_BLOCK_KERNEL must be one of auto, gather, tiled; got 'fast'"):
         run_backend("triton", call, make(8, 16, 8, 7))
+
+
+def test_choose_kernel_forces_caches_and_defaults(monkeypatch):
+    """The choice both GPU backends make between their fused-block kernels: a forced name wins,
+    an unknown one is named, and without a GPU timer the first kernel runs, untimed and uncached."""
+    from fastconv._timing import choose_kernel
+    from fastconv.ops.inverted_residual import KERNEL_ENVIRONMENT, forced_kernel
+
+    launches = {"first": lambda: None, "second": lambda: None}
+    chosen: dict = {}
+    x = torch.empty(2)
+    monkeypatch.delenv("FASTCONV_TEST_KERNEL", raising=False)
+    assert choose_kernel("FASTCONV_TEST_KERNEL", launches, ("key",), x, chosen) == "first"
+    assert chosen == {}  # nothing timed on the CPU, so nothing to remember
+    monkeypatch.setenv("FASTCONV_TEST_KERNEL", "second")
+    assert choose_kernel("FASTCONV_TEST_KERNEL", launches, ("key",), x, chosen) == "second"
+    monkeypatch.setenv("FASTCONV_TEST_KERNEL", "third")
+    with pytest.raises(ValueError, match=r"FASTCONV_TEST_KERNEL must be one of auto, first, second; got 'third'"):
+        choose_kernel("FASTCONV_TEST_KERNEL", launches, ("key",), x, chosen)
+    monkeypatch.delenv("FASTCONV_TEST_KERNEL")
+    assert choose_kernel("FASTCONV_TEST_KERNEL", launches, ("cached",), x, {("cached",): "second"}) == "second"
+
+    name = KERNEL_ENVIRONMENT["cuda"]
+    monkeypatch.setenv(name, "cuda_cores")
+    with forced_kernel("cuda", "tensor_cores"):
+        assert os.environ[name] == "tensor_cores"
+    assert os.environ[name] == "cuda_cores"  # restored
+    with forced_kernel("cuda", ""):
+        assert os.environ[name] == "cuda_cores"  # an empty kernel changes nothing
 
 
 def test_fused_op_has_no_backward_and_says_so():

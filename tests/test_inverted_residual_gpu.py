@@ -35,7 +35,7 @@ MOBILENET_V2_BLOCKS = [
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("block", MOBILENET_V2_BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-s{b[4]}")
-@pytest.mark.parametrize("backend", ["cuda", "triton:gather", "triton:tiled"])
+@pytest.mark.parametrize("backend", ["cuda:cuda_cores", "cuda:tensor_cores", "triton:gather", "triton:tiled"])
 def test_inverted_residual_sanitizer_subset(backend, block, dtype):
     c_in, c_hid, c_out, hw, stride, use_residual = block
     if backend == "triton:tiled" and c_hid == c_in:
@@ -45,12 +45,15 @@ def test_inverted_residual_sanitizer_subset(backend, block, dtype):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channel_slice"])
-def test_inverted_residual_cuda_any_layout_and_odd_tiles_sanitizer_subset(layout):
-    """The CUDA kernel reads x through its strides and masks the 4x4 tiles at odd edges."""
+@pytest.mark.parametrize("kernel", ["cuda_cores", "tensor_cores"])
+def test_inverted_residual_cuda_any_layout_and_odd_tiles_sanitizer_subset(kernel, layout):
+    """The CUDA kernels read x through its strides and mask their 4x4 (8x8) tiles at odd edges."""
     t = make(24, 144, 24, 9, n=3, dtype=torch.float16, expand=True, layout=layout)
-    check("cuda", t, lowp=True, stride=1, use_residual=True)
+    check(f"cuda:{kernel}", t, lowp=True, stride=1, use_residual=True)
     t = make(16, 96, 24, 11, n=1, dtype=torch.float16, expand=True, layout=layout)
-    check("cuda", t, lowp=True, stride=2, use_residual=False)
+    check(f"cuda:{kernel}", t, lowp=True, stride=2, use_residual=False)
+    t = make(24, 144, 400, 13, n=2, dtype=torch.bfloat16, expand=True, layout=layout)  # two groups of outputs
+    check(f"cuda:{kernel}", t, lowp=True, stride=1, use_residual=False)
 
 
 # MobileNetV1's widest depthwise-separable blocks (C_in, C_out, H=W, stride), small images: more
@@ -61,7 +64,7 @@ MOBILENET_V1_WIDE_BLOCKS = [(256, 512, 7, 2), (512, 512, 5, 1), (512, 1024, 7, 2
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("block", MOBILENET_V1_WIDE_BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-s{b[3]}")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda:cuda_cores", "cuda:tensor_cores", "triton"])
 def test_mobilenet_v1_wide_blocks_sanitizer_subset(backend, block, dtype):
     c_in, c_out, hw, stride = block
     t = make(c_in, 0, c_out, hw, n=2, dtype=dtype, expand=False)

@@ -56,7 +56,6 @@ allowed. float64 is the op's torch backend's.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -319,22 +318,9 @@ last_kernel = "gather"  # the kernel of the latest call with an expansion (the b
 
 
 def _kernel_choice(x: torch.Tensor, key: tuple, launches: dict) -> str:
-    forced = os.environ.get("FASTCONV_FUSED_BLOCK_KERNEL", "auto")
-    if forced in launches:
-        return forced
-    if forced != "auto":
-        raise ValueError(f"fastconv: FASTCONV_FUSED_BLOCK_KERNEL must be one of auto, {', '.join(launches)}; got {forced!r}")
-    if key in _CHOSEN_KERNEL:
-        return _CHOSEN_KERNEL[key]
-    if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing() or torch.are_deterministic_algorithms_enabled():
-        # No timer (the interpreter), no timing inside a graph capture, and deterministic mode
-        # takes one fixed kernel in every process (the two round the expansion differently).
-        return "gather"
-    from fastconv._timing import time_candidates
+    from fastconv._timing import choose_kernel
 
-    timings = time_candidates({name: (lambda launch=launch: launch()) for name, launch in launches.items()}, {})
-    _CHOSEN_KERNEL[key] = min(timings, key=timings.get) if timings else "gather"
-    return _CHOSEN_KERNEL[key]
+    return choose_kernel("FASTCONV_FUSED_BLOCK_KERNEL", launches, key, x, _CHOSEN_KERNEL)
 
 
 _STATS_CONFIGS = interpreter_first(

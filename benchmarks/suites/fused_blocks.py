@@ -20,14 +20,13 @@ once, weights excluded), against eager's (``memory_ratio``; the target is <= 0.3
 also the step's peak. The saved bytes need no GPU: on the CPU, without --quick, every block's
 are counted at batch 4 in fp32 (they scale with the batch), untimed.
 """
-import contextlib
 import copy
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from fastconv.bench import randomise_batch_norms
+from fastconv.ops.inverted_residual import forced_kernel, last_kernel
 
 from ..common import DTYPES, backends_to_run, baseline_records, short_error, time_call, tolerance
 from ..timing import Rotation, rotation_count, synchronize
@@ -161,38 +160,26 @@ def _run(case, ctx):
         # Each of the triton backend's two fused kernels forced, beside the one its first-call
         # timing keeps: both times are the evidence for that choice (and for the tiled kernel).
         backends += ["triton:gather", "triton:tiled"]
+    if "cuda" in backends and dtype != torch.float32:
+        backends += ["cuda:cuda_cores", "cuda:tensor_cores"]  # likewise the cuda backend's two
     for backend in backends:
         extra = {}
         name, _, kernel = backend.partition(":")
-        with fastconv.use_backend(name), _forced_kernel(kernel):
+        with fastconv.use_backend(name), forced_kernel(name, kernel):
             try:
                 with torch.no_grad():
                     err = (fused(first).float() - ref32).abs().max().item()
                 extra.update(max_abs_err=err, check="ok" if err <= tol else "mismatch")
                 t = time_call(step_of(fused), ctx)
-                if backend == "triton" and block.ratio != 1:  # which of its two kernels the first call's timing kept
-                    from fastconv.triton_kernels import inverted_residual as kernels
-
-                    extra["triton_kernel"] = kernels.last_kernel
+                # Which of its two kernels the first call's timing kept.
+                if backend == "triton" and block.ratio != 1:
+                    extra["triton_kernel"] = last_kernel("triton")
+                if backend == "cuda":
+                    extra["cuda_kernel"] = last_kernel("cuda")
             except Exception as exc:
                 t, extra["error"] = None, short_error(exc)
         records += baseline_records(ctx, backend, t, baselines, common, extra)
     return records
-
-
-@contextlib.contextmanager
-def _forced_kernel(kernel: str):
-    """FASTCONV_FUSED_BLOCK_KERNEL=kernel inside (nothing when kernel is empty)."""
-    previous = os.environ.get("FASTCONV_FUSED_BLOCK_KERNEL")
-    if kernel:
-        os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = kernel
-    try:
-        yield
-    finally:
-        if kernel:
-            os.environ.pop("FASTCONV_FUSED_BLOCK_KERNEL")
-            if previous is not None:
-                os.environ["FASTCONV_FUSED_BLOCK_KERNEL"] = previous
 
 
 def _saved_bytes(step) -> int:

@@ -10,12 +10,16 @@ the expansion (expand_weight None), with an activation after the projection. The
 functions `inverted_residual` and `depthwise_separable_conv2d` fill in its arguments.
 
 Backends: `triton` is the fused kernel with both GEMMs on the tensor cores
-(triton_kernels/inverted_residual.py); `cuda` the same dataflow in CUDA C++ on the CUDA cores
-(csrc/inverted_residual.cu: fp32 FMAs, one launch per 384 output channels, a tile's input window
-in 96 KB of shared memory: every MobileNetV2 and MobileNetV1 block in half precision); both get the
-scales folded into the weights on the host per call, a weight-sized multiply that the modules
-avoid by passing folded weights and no scales. `torch` is the unfused reference chain
-(fastconv.reference), also the CPU default and the float64 path. `auto` times the GPU two.
+(triton_kernels/inverted_residual.py, two kernels timed at a shape's first call); `cuda` the
+same dataflow in CUDA C++, also two kernels timed at the first call: on the CUDA cores
+(csrc/inverted_residual.cu: fp32 FMAs, 4x4 tiles, one launch per 384 output channels, a tile's
+input window in 96 KB of shared memory: every MobileNetV2 and MobileNetV1 block in half
+precision, and float32) and, in half precision with even channel counts, on the tensor cores
+(csrc/inverted_residual_mma.cu: mma.sync GEMMs, 8x8 tiles; FASTCONV_CUDA_FUSED_BLOCK_KERNEL=
+cuda_cores|tensor_cores forces one). Both backends get the scales folded into the weights on the
+host per call, a weight-sized multiply that the modules avoid by passing folded weights and no
+scales. `torch` is the unfused reference chain (fastconv.reference), also the CPU default and
+the float64 path. `auto` times the GPU two.
 
 Inference only: the fused op has no backward. When gradients are wanted the public functions
 run the same chain as fastconv's unfused, differentiable ops (pointwise_conv2d,
@@ -25,11 +29,14 @@ than return no gradients. The modules' training path is the unfused ops too.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import os
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from fastconv import reference
+from fastconv._timing import choose_kernel
 from fastconv._geometry import empty_output, normalise_geometry
 from fastconv._validation import check_channel_vector, check_shape, fail
 from fastconv.activations import activation_code
@@ -155,14 +162,95 @@ def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, p
     def bias(shift):
         return shift.float().contiguous() if shift is not None else None
 
-    torch.ops.fastconv_cuda.inverted_residual_forward(
+    arguments = (
         x, matrix(expand_weight, expand_scale) if expand_weight is not None else None, bias(expand_shift),
         matrix(dw_weight, dw_scale), bias(dw_shift), matrix(project_weight, project_scale), bias(project_shift),
         list(dw_weight.shape[2:]), stride[0], [padding[0], padding[1]], dilation[0],
         activation_code(expand_activation), activation_code(dw_activation), activation_code(project_activation),
         residual, out,
     )  # fmt: skip
+
+    def tensor_cores():
+        why = _tensor_core_kernel_supports(x, expand_weight is not None, dw_weight, stride[0], dilation[0])
+        if why is not None:  # a forced choice says so (as the backends do); the first-call timing leaves it out
+            raise RuntimeError(f"fastconv: backend 'cuda' cannot run inverted_residual with "
+                               f"FASTCONV_CUDA_FUSED_BLOCK_KERNEL=tensor_cores: its tensor-core kernel: {why}")
+        torch.ops.fastconv_cuda.inverted_residual_forward(*arguments, kernel=1)
+
+    launches = {
+        "cuda_cores": lambda: torch.ops.fastconv_cuda.inverted_residual_forward(*arguments, kernel=0),
+        "tensor_cores": tensor_cores,
+    }
+    key = (tuple(x.shape), x.dtype, x.stride(), expand_weight is not None, tuple(dw_weight.shape), project_weight.shape[0],
+           stride[0], dilation[0], tuple(padding), out.stride(), residual is not None)  # fmt: skip
+    global last_cuda_kernel
+    last_cuda_kernel = choose_kernel("FASTCONV_CUDA_FUSED_BLOCK_KERNEL", launches, key, x, _CHOSEN_CUDA_KERNEL)
+    launches[last_cuda_kernel]()
     return out
+
+
+# Which CUDA kernel runs a shape (fastconv._timing.choose_kernel): the CUDA-core kernel (every
+# dtype) or, in half precision, the tensor-core one; FASTCONV_CUDA_FUSED_BLOCK_KERNEL=
+# cuda_cores|tensor_cores forces one (the GPU tests run both).
+_CHOSEN_CUDA_KERNEL: dict = {}
+last_cuda_kernel = "cuda_cores"  # the kernel of the latest call (the benchmark records it)
+
+def last_kernel(backend: str) -> str:
+    """The fused-block kernel that `backend`'s ("cuda" or "triton") latest call ran."""
+    if backend == "cuda":
+        return last_cuda_kernel
+    from fastconv.triton_kernels import inverted_residual as kernels
+
+    return kernels.last_kernel
+
+
+# The variable that forces each GPU backend's choice of fused-block kernel.
+KERNEL_ENVIRONMENT = {"triton": "FASTCONV_FUSED_BLOCK_KERNEL", "cuda": "FASTCONV_CUDA_FUSED_BLOCK_KERNEL"}
+
+
+@contextlib.contextmanager
+def forced_kernel(backend: str, kernel: str) -> Iterator[None]:
+    """Inside, `backend`'s fused block runs `kernel` ("gather" or "tiled" for triton,
+    "cuda_cores" or "tensor_cores" for cuda); nothing changes when kernel is empty."""
+    if not kernel:
+        yield
+        return
+    name = KERNEL_ENVIRONMENT[backend]
+    previous = os.environ.get(name)
+    os.environ[name] = kernel
+    try:
+        yield
+    finally:
+        os.environ.pop(name)
+        if previous is not None:
+            os.environ[name] = previous
+
+# csrc/inverted_residual_mma.cu's limits: fp16/bf16, even channel counts, and an 8x8 tile's
+# window (x staged when there is an expansion, e in chunks of 32 channels, d over the tile, in
+# rows padded to 16 pixels and 16 + 8 channels, 2 bytes each) within 160 KB of shared memory.
+_TENSOR_CORE_MAX_SHARED = 160 * 1024
+
+
+def _tensor_core_shared_bytes(window_pixels: int, c_in: int, expand: bool) -> int:
+    rows = -(-window_pixels // 16) * 16
+    staged_x = rows * (-(-c_in // 16) * 16 + 8) * 2 if expand else 0
+    return staged_x + rows * 40 * 2 + 64 * 40 * 2
+
+
+def _tensor_core_kernel_supports(x: torch.Tensor, expand: bool, dw_weight: torch.Tensor, stride: int,
+                                 dilation: int) -> Optional[str]:  # fmt: skip
+    """Why the tensor-core kernel cannot take a block the CUDA-core kernel takes, or None."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes float16 and bfloat16; got {x.dtype}"
+    c_in, c_hid = x.shape[1], dw_weight.shape[0]
+    if c_in % 2 or c_hid % 2:
+        return f"it needs even C_in and C_hid (it loads channel pairs); got C_in {c_in}, C_hid {c_hid}"
+    kh, kw = dw_weight.shape[2:]
+    window = ((8 - 1) * stride + (kh - 1) * dilation + 1) * ((8 - 1) * stride + (kw - 1) * dilation + 1)
+    needed = _tensor_core_shared_bytes(window, c_in, expand)
+    if needed > _TENSOR_CORE_MAX_SHARED:
+        return f"its 8x8 tile's window needs {needed} bytes of shared memory, over {_TENSOR_CORE_MAX_SHARED}"
+    return None
 
 
 # csrc/inverted_residual.cu's limit: a tile's input window of x (with the chunk's expansion)
