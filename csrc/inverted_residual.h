@@ -1,14 +1,12 @@
 // The fused inverted residual's two CUDA kernels share one argument block: the CUDA-core
 // kernel (inverted_residual.cu, every dtype) and the tensor-core kernel
-// (inverted_residual_mma.cu, fp16 / bf16). The op itself, its checks and its Meta kernel are
-// in inverted_residual.cu; the caller (fastconv/ops/inverted_residual.py) picks the kernel.
+// (inverted_residual_mma_kernel.cuh, fp16 / bf16; its host side inverted_residual_mma.h). The
+// op itself, its checks and its Meta kernel are in inverted_residual.cu; the caller
+// (fastconv/ops/inverted_residual.py) picks the kernel. Device code and plain C++ only, so
+// that tests/emulation can compile the tensor-core kernel for the CPU.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
-#include <string>
 
 #include "activations.cuh"
 
@@ -47,22 +45,22 @@ __device__ __forceinline__ float activation_of(int act, float v) {
   return z[0];
 }
 
-// The tensor-core kernel's side (inverted_residual_mma.cu).
+// The arguments of the launch for output channels [o0, o0 + group): the projection's rows,
+// its bias, the output and the residual offset to the group.
+template <typename T>
+inline BlockArgs group_args(const BlockArgs& a, int o0, int group) {
+  BlockArgs g = a;
+  g.C_out = a.C_out - o0 < group ? a.C_out - o0 : group;
+  g.wp = static_cast<const T*>(a.wp) + int64_t{o0} * a.C_hid;
+  g.bp = a.bp != nullptr ? a.bp + o0 : nullptr;
+  g.out = static_cast<T*>(a.out) + o0 * a.oc;
+  g.residual = a.residual != nullptr ? static_cast<const T*>(a.residual) + o0 * a.rc : nullptr;
+  return g;
+}
+
+// The tensor-core kernel's tile (inverted_residual_mma_kernel.cuh).
 namespace mma_block {
-
 constexpr int kTileH = 8, kTileW = 8;
-// Its limit on dynamic shared memory (sm_90 allows 227 KB a CTA).
-constexpr int64_t kMaxSharedBytes = 160 * 1024;
-
-int64_t shared_bytes(int win_h, int win_w, int64_t C_in, bool expand);
-
-// Why the kernel cannot take a block ("" when it can): fp16 / bf16 only, even channel counts
-// (its operands are loaded in pairs), and the tile's window within kMaxSharedBytes.
-std::string unsupported(at::ScalarType dtype, int64_t C_in, int64_t C_hid, int win_h, int win_w, bool expand);
-
-// Launches the kernel over every group of output channels; `a` is filled as for the CUDA-core
-// kernel but with this kernel's 8x8 tiles (win_h/w, tiles_h/w) and all C_out channels.
-void launch(const BlockArgs& a, at::ScalarType dtype, int device, int64_t batch, cudaStream_t stream);
-
 }  // namespace mma_block
+
 }  // namespace fastconv

@@ -153,6 +153,11 @@ def _forward_triton(*, out, x, expand_weight, dw_weight, project_weight, stride,
     )  # fmt: skip
 
 
+def _cuda_forward_op():
+    """The extension's op; tests/cuda_emulation.py swaps in its CPU run of the tensor-core kernel."""
+    return torch.ops.fastconv_cuda.inverted_residual_forward
+
+
 def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale,
                   expand_shift, expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift,
                   project_activation, residual):  # fmt: skip
@@ -175,10 +180,10 @@ def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, p
         if why is not None:  # a forced choice says so (as the backends do); the first-call timing leaves it out
             raise RuntimeError(f"fastconv: backend 'cuda' cannot run inverted_residual with "
                                f"FASTCONV_CUDA_FUSED_BLOCK_KERNEL=tensor_cores: its tensor-core kernel: {why}")
-        torch.ops.fastconv_cuda.inverted_residual_forward(*arguments, kernel=1)
+        _cuda_forward_op()(*arguments, kernel=1)
 
     launches = {
-        "cuda_cores": lambda: torch.ops.fastconv_cuda.inverted_residual_forward(*arguments, kernel=0),
+        "cuda_cores": lambda: _cuda_forward_op()(*arguments, kernel=0),
         "tensor_cores": tensor_cores,
     }
     key = (tuple(x.shape), x.dtype, x.stride(), expand_weight is not None, tuple(dw_weight.shape), project_weight.shape[0],
