@@ -447,8 +447,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_backward_accumulate_meta(
            "a tensor whose elements do not overlap one another",
            c10::str("strides ", grad_c.strides()));
   // Meta tensors have no memory to overlap (their storages all read as aliases): checked on CUDA.
-  FC_CHECK(c.is_meta() || (at::get_overlap_status(grad_c, c) == at::MemOverlapStatus::No &&
-                           at::get_overlap_status(grad_c, grad_y) == at::MemOverlapStatus::No),
+  FC_CHECK(c.is_meta() || (!may_share_elements(grad_c, c) &&
+                           !may_share_elements(grad_c, grad_y)),
            kAccumulate, "grad_c", "a tensor that overlaps neither c nor grad_y", "one that does");
   const auto options = c.options().dtype(at::kFloat);
   return {at::empty({c.size(1)}, options), at::empty({c.size(1)}, options)};

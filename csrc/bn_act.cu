@@ -43,7 +43,7 @@ void check_out(const at::Tensor& x, const at::Tensor& out) {
   FC_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, kForwardOut, "out",
            "a tensor whose elements do not overlap one another", c10::str("strides ", out.strides()));
   // Meta tensors have no memory to overlap (their storages all read as aliases): checked on CUDA.
-  FC_CHECK(x.is_meta() || at::get_overlap_status(out, x) == at::MemOverlapStatus::No, kForwardOut,
+  FC_CHECK(x.is_meta() || !may_share_elements(out, x), kForwardOut,
            "out", "a tensor that does not overlap x", "one that does");
 }
 

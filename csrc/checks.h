@@ -8,7 +8,9 @@
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -55,6 +57,39 @@ inline void check_like(const char* op, const at::Tensor& t, const char* arg, con
            t.sizes());
   FC_CHECK(t.scalar_type() == ref.scalar_type(), op, arg,
            c10::str(ref_arg, "'s dtype (", ref.scalar_type(), ")"), t.scalar_type());
+}
+
+// Whether a and b (same dtype) can share an element. Exact for the case that matters: channel
+// slices of one channels_last buffer (DenseNet's concatenations, an Inception block's
+// branches), which interleave in memory but share no element: same pixel strides and sizes,
+// channel stride 1, and per-pixel channel runs [offset, offset + C) that fit between pixels.
+// Otherwise, overlapping address ranges count as sharing. (at::get_overlap_status answers
+// TooHard for any tensor that is not dense, a slice among them, even of another storage.)
+// The twin of fastconv/ops/pointwise.py's _may_overlap.
+inline bool may_share_elements(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+  auto span = [](const at::Tensor& t) {  // [first, last] element offsets in the storage
+    int64_t last = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return std::pair<int64_t, int64_t>{t.storage_offset(), last};
+  };
+  const auto [a_first, a_last] = span(a);
+  const auto [b_first, b_last] = span(b);
+  if (a_last < b_first || b_last < a_first) return false;
+  if (a.dim() != 4 || b.dim() != 4) return true;
+  bool same_pixels = a.size(2) == b.size(2) && a.size(3) == b.size(3);
+  for (int d : {0, 2, 3}) same_pixels = same_pixels && a.stride(d) == b.stride(d);
+  if (same_pixels && a.stride(1) == 1 && b.stride(1) == 1) {
+    const int64_t base = std::min(a.storage_offset(), b.storage_offset());
+    const int64_t a0 = a.storage_offset() - base, a1 = a0 + a.size(1);
+    const int64_t b0 = b.storage_offset() - base, b1 = b0 + b.size(1);
+    int64_t min_pixel_stride = std::numeric_limits<int64_t>::max();
+    for (int d : {0, 2, 3}) {
+      if (a.size(d) > 1) min_pixel_stride = std::min(min_pixel_stride, a.stride(d));
+    }
+    if (std::max(a1, b1) <= min_pixel_stride) return a0 < b1 && b0 < a1;
+  }
+  return true;
 }
 
 inline void check_activation(const char* op, const char* name, int64_t code) {

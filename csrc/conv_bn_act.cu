@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> check_out_and_allocate(const at::Tensor& x, c
   FC_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, kOpOut, "out",
            "a tensor whose elements do not overlap one another", c10::str("strides ", out.strides()));
   // Meta tensors have no memory to overlap (their storages all read as aliases): checked on CUDA.
-  FC_CHECK(x.is_meta() || at::get_overlap_status(out, x) == at::MemOverlapStatus::No, kOpOut, "out",
+  FC_CHECK(x.is_meta() || !may_share_elements(out, x), kOpOut, "out",
            "a tensor that does not overlap x", "one that does");
   if (residual.has_value() && residual->defined()) {
     const at::Tensor& r = *residual;
@@ -326,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> check_out_and_allocate(const at::Tensor& x, c
              c10::str("x's dtype (", x.scalar_type(), ")"), r.scalar_type());
     FC_CHECK(r.sizes() == out.sizes(), kOpOut, "residual", c10::str("out's shape ", out.sizes()),
              c10::str("shape ", r.sizes()));
-    FC_CHECK(x.is_meta() || at::get_overlap_status(out, r) == at::MemOverlapStatus::No, kOpOut,
+    FC_CHECK(x.is_meta() || !may_share_elements(out, r), kOpOut,
              "residual", "a tensor that does not overlap out", "one that does");
     FC_CHECK(!compute_stats, kOpOut, "compute_stats",
              "false with a residual (the statistics are of the plain conv)", "true");

@@ -96,11 +96,11 @@ std::pair<int, int> check_block(const at::Tensor& x, const std::optional<at::Ten
            c10::str("shape ", out.sizes()));
   FC_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, kOp, "out",
            "a tensor whose elements do not overlap one another", c10::str("strides ", out.strides()));
-  FC_CHECK(x.is_meta() || at::get_overlap_status(out, x) == at::MemOverlapStatus::No, kOp, "out",
+  FC_CHECK(x.is_meta() || !may_share_elements(out, x), kOp, "out",
            "a tensor that does not overlap x", "one that does");
   if (const at::Tensor* r = present(residual)) {
     check_like(kOp, *r, "residual", out, "out");
-    FC_CHECK(x.is_meta() || at::get_overlap_status(out, *r) == at::MemOverlapStatus::No, kOp, "residual",
+    FC_CHECK(x.is_meta() || !may_share_elements(out, *r), kOp, "residual",
              "a tensor that does not overlap out", "one that does");
   }
   FC_CHECK(kernel == kCudaCoreKernel || kernel == kTensorCoreKernel, kOp, "kernel",

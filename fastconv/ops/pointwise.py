@@ -133,9 +133,11 @@ def _weight_grad_cuda(*, grad_c, x, in_scale, in_shift, in_activation):
     a = reference.pointwise_prologue(x, in_scale, in_shift, in_activation)
     g, a = _pixel_matrix(grad_c).t(), _pixel_matrix(a)
     if x.dtype in (torch.float16, torch.bfloat16):
-        if "dtype" in torch.ops.aten.mm.overloads():
+        if "dtype" in torch.ops.aten.mm.overloads() and g.is_cuda:
             return torch.mm(g, a, out_dtype=torch.float32)  # fp32 accumulate and result
-        return torch.mm(g.float(), a.float())  # a torch without mm's out_dtype (before 2.8)
+        # A torch without mm's out_dtype (before 2.8), or CPU tensors (tests/cuda_emulation's),
+        # which it does not take.
+        return torch.mm(g.float(), a.float())
     return torch.mm(g, a).to(accumulate_dtype(x.dtype))
 
 
@@ -151,7 +153,8 @@ def _weight_grad_triton(*, grad_c, x, in_scale, in_shift, in_activation):
 def _with_stats_cuda(*, x, weight, bias):
     # The CUDA pointwise GEMM has no statistics epilogue yet: one batch_norm_stats pass over c.
     c = empty_output((x.shape[0], weight.shape[0], *x.shape[2:]), x)
-    _forward_cuda(out=c, x=x, weight=weight, **dict.fromkeys(_EPILOGUE), activation_after_residual=False)
+    epilogue = {**dict.fromkeys(_EPILOGUE), "bias": bias, "activation_after_residual": False}
+    _forward_cuda(out=c, x=x, weight=weight, **epilogue)
     with use_backend("cuda"):
         mean, var = torch.ops.fastconv.batch_norm_stats(c)
     return c, mean, var
