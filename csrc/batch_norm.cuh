@@ -10,6 +10,7 @@
 
 #include "activations.cuh"
 #include "bn_act_common.cuh"
+#include "shared_memory.cuh"
 
 namespace fastconv {
 namespace bn_train {
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) rows_stats_ker
 
   // Chan's merge over threadIdx.y (a power of two) by a fixed tree; smem is
   // [1 + 2 * VEC][blockDim.y][blockDim.x]: count, means, M2s.
-  extern __shared__ float smem[];
+  FASTCONV_DYNAMIC_SHARED(float, smem);
   const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x, ny = blockDim.y;
   auto slot = [&](int k, int row) -> float& { return smem[(k * ny + row) * nx + tx]; };
   auto publish = [&]() {

@@ -9,6 +9,7 @@
 #include "autotune.h"
 #include "common.cuh"
 #include "layout.h"
+#include "shared_memory.cuh"
 
 namespace fastconv {
 
@@ -122,7 +123,7 @@ template <int VEC>
 __device__ __forceinline__ void rows_sums_to_parts(const float (&a)[VEC], const float (&b)[VEC],
                                                    float* __restrict__ ws, int64_t parts, int C,
                                                    int c0, bool active) {
-  extern __shared__ float smem[];
+  FASTCONV_DYNAMIC_SHARED(float, smem);
   const int tx = threadIdx.x, ty = threadIdx.y, nx = blockDim.x, ny = blockDim.y;
   auto slot = [&](int k, int row) -> float& { return smem[(k * ny + row) * nx + tx]; };
 #pragma unroll

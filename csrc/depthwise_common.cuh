@@ -19,6 +19,7 @@
 #include "common.cuh"
 #include "depthwise.h"
 #include "layout.h"
+#include "shared_memory.cuh"
 
 namespace fastconv {
 namespace dw {
@@ -61,7 +62,7 @@ __device__ __forceinline__ Pack<T, N> zero_pack() {
 
 // Dynamic shared memory of every depthwise kernel (one declaration, 16-byte aligned).
 __device__ __forceinline__ float* dyn_smem() {
-  extern __shared__ float4 dw_dyn_smem[];
+  FASTCONV_DYNAMIC_SHARED(float4, dw_dyn_smem);
   return reinterpret_cast<float*>(dw_dyn_smem);
 }
 

@@ -2,8 +2,7 @@
 // kernel (inverted_residual.cu, every dtype) and the tensor-core kernel
 // (inverted_residual_mma_kernel.cuh, fp16 / bf16; its host side inverted_residual_mma.h). The
 // op itself, its checks and its Meta kernel are in inverted_residual.cu; the caller
-// (fastconv/ops/inverted_residual.py) picks the kernel. Device code and plain C++ only, so
-// that tests/emulation can compile the tensor-core kernel for the CPU.
+// (fastconv/ops/inverted_residual.py) picks the kernel.
 #pragma once
 
 #include <cstdint>

@@ -27,15 +27,14 @@
 // `kernel` argument picks it (0) or the tensor-core kernel (1, inverted_residual_mma_kernel.cuh:
 // both GEMMs on mma.sync, 8x8 tiles); the Python caller times the two at a shape's first call,
 // and `auto` times the cuda backend against Triton's kernels. Unmeasured: no GPU has run
-// either; tests/emulation runs both on the CPU. ptxas (sm_90, nvcc 13.0, offline): 128
-// registers for each dtype, no spills.
-//
-// Device code and plain C++ only, so that tests/emulation can compile it for the CPU.
+// either; tests/cuda_emulation.py runs both on the CPU. ptxas (sm_90, nvcc 13.0, offline):
+// 128 registers for each dtype, no spills.
 #pragma once
 
 #include <cstdint>
 
 #include "inverted_residual.h"
+#include "shared_memory.cuh"
 
 namespace fastconv {
 namespace fma_block {
@@ -61,7 +60,7 @@ __host__ __device__ inline int64_t shared_bytes(int win_h, int win_w, int64_t C_
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) inverted_residual_kernel(const BlockArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTCONV_DYNAMIC_SHARED(unsigned char, smem);
   const int pixels = a.win_h * a.win_w;
   T* xs = reinterpret_cast<T*>(smem);  // [pixels][C_in]: the window of x
   float* es = reinterpret_cast<float*>(smem + window_bytes(a.win_h, a.win_w, a.C_in, sizeof(T)));  // [pixels][kChunk]

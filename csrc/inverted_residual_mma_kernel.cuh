@@ -1,6 +1,6 @@
 // The fused inverted residual on the tensor cores (fp16 / bf16): the CUDA-core kernel's
 // dataflow (inverted_residual.cu) with both 1x1 convs as mma.sync m16n8k16 GEMMs
-// (gemm_mma.cuh's primitive, fp32 accumulation) and a larger tile to feed them:
+// (mma_instructions.cuh, fp32 accumulation) and a larger tile to feed them:
 //
 //     e = act_e(x @ We^T + be)        over the tile's input window: M = window pixels, N = a
 //                                     chunk of 32 hidden channels, K = C_in
@@ -26,17 +26,16 @@
 // launch for every MobileNetV2 block, 96 accumulators a thread, one CTA an SM) or kNT = 4
 // (groups of 128: more launches, each redoing the expansion, at a third of the accumulators).
 // Each output's sums run in the same order in both, so they agree bit for bit.
-// Unmeasured: no GPU has run this kernel; tests/emulation runs it on the CPU (every thread a
-// std::thread, mma.sync emulated from the PTX ISA's fragment layouts).
-//
-// Device code and plain C++ only (its host side is inverted_residual_mma.cu), so that the
-// emulation can compile it for the CPU.
+// Unmeasured: no GPU has run this kernel; tests/cuda_emulation.py runs it on the CPU (every
+// thread a std::thread, mma.sync emulated from the PTX ISA's fragment tables). Its host side
+// is inverted_residual_mma.cu.
 #pragma once
 
 #include <cstdint>
 
-#include "gemm_mma.cuh"
 #include "inverted_residual.h"
+#include "mma_instructions.cuh"
+#include "shared_memory.cuh"
 
 namespace fastconv {
 namespace mma_block {
@@ -92,7 +91,7 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int pitc
 
 template <typename T, int kNT>
 __global__ void __launch_bounds__(kThreads) inverted_residual_mma_kernel(const BlockArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  FASTCONV_DYNAMIC_SHARED(unsigned char, smem);
   const bool expand = a.we != nullptr;
   const Plan pl = plan(a.win_h, a.win_w, a.C_in, expand);
   T* xs = reinterpret_cast<T*>(smem);                              // [pixels_pad][pitch_x]

@@ -15,10 +15,15 @@ import pytest
 import torch
 
 import fastconv
+from cuda_emulation import compiler
 from fastconv.backends import available, interpreting
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# Without a GPU, the cuda backend's cases run on the extension built for the CPU
+# (tests/cuda_emulation.py): its real host code and kernels, each CTA as concurrent threads.
+# FASTCONV_EMULATED_CUDA=0 skips them instead (as does a machine without a C++20 compiler).
+EMULATED_CUDA = not ON_GPU and os.environ.get("FASTCONV_EMULATED_CUDA", "1") == "1" and compiler() is not None
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("nchw", "channels_last", "channel_slice", "spatial_slice")
 # The fuzz tests' inputs also come as expanded views (stride 0 over N and W), as `expand` and
@@ -76,8 +81,11 @@ def backends_under_test(implementations=None) -> list:
         reason = status[name].reason
         if implementations is not None and not implementations.has(name):
             reason = f"{implementations.op_name} has no {name} implementation yet"
-        if name == "cuda" and not reason and not ON_GPU:
-            reason = "no CUDA device"
+        if name == "cuda" and not ON_GPU:
+            if EMULATED_CUDA and not (implementations is not None and not implementations.has(name)):
+                params.append(pytest.param(name, marks=[pytest.mark.emulated], id="cuda-emulated"))
+                continue
+            reason = reason or "no CUDA device"
         marks = [pytest.mark.skip(reason=f"backend {name}: {reason}")] if reason else []
         if name == "cuda":
             marks.append(pytest.mark.gpu)
@@ -210,7 +218,12 @@ def on_backend(backend: str) -> Iterator[None]:
     from fastconv.ops.inverted_residual import forced_kernel
 
     backend, _, kernel = backend.partition(":")
-    with forced_kernel(backend, kernel), fastconv.use_backend(backend):
+    emulation = contextlib.nullcontext()
+    if backend == "cuda" and EMULATED_CUDA:
+        from cuda_emulation import emulated_cuda_backend
+
+        emulation = emulated_cuda_backend()
+    with emulation, forced_kernel(backend, kernel), fastconv.use_backend(backend):
         try:
             yield
         except RuntimeError as error:

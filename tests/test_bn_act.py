@@ -13,6 +13,7 @@ from harness import (
     LAYOUTS,
     assert_matches_reference,
     backends_under_test,
+    on_backend,
     poisoned_allocations,
     random_tensor,
     run_backend,
@@ -141,7 +142,7 @@ GRADCHECK_BACKENDS = [p for p in BACKENDS if p.values[0] != "cuda"]
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 def test_gradcheck_float64(backend, activation, layout):
     x, scale, shift = make_inputs((2, 3, 3, 4), torch.float64, layout, requires_grad=True)
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         # fast_mode checks random projections of the Jacobian: far fewer kernel launches,
         # which matters at 20 ms per program in the Triton interpreter.
         assert torch.autograd.gradcheck(
@@ -166,7 +167,7 @@ def opcheck_samples():
 @pytest.mark.parametrize("sample", opcheck_samples())
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, sample):
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         torch.library.opcheck(torch.ops.fastconv.bn_act.default, sample)
         x, scale, shift, activation = sample
         grad_y = torch.randn_like(x).detach()
@@ -229,7 +230,7 @@ def good_inputs():
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_is_named(backend, mutate, pattern):
-    with fastconv.use_backend(backend), pytest.raises(ValueError, match=pattern):
+    with on_backend(backend), pytest.raises(ValueError, match=pattern):
         fastconv.bn_act(*mutate(*good_inputs()))
 
 

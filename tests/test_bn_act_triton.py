@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastconv
-from harness import LAYOUTS, assert_matches_reference, backends_under_test, random_tensor
+from harness import LAYOUTS, assert_matches_reference, backends_under_test, on_backend, random_tensor
 
 TRITON = [p for p in backends_under_test() if p.values[0] == "triton"]
 
@@ -23,7 +23,7 @@ def test_64_bit_index_path(backend, layout, monkeypatch):
     x = random_tensor((2, 5, 6, 7), torch.float32, layout, scale=3.0).requires_grad_(True)
     scale = torch.randn(5, device=x.device, requires_grad=True)
     shift = torch.randn(5, device=x.device, requires_grad=True)
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         y = fastconv.bn_act(x, scale, shift, "silu")
         grads = torch.autograd.grad(y.sum(), (x, scale, shift))
     x64, s64, b64 = (t.detach().double().requires_grad_(True) for t in (x, scale, shift))

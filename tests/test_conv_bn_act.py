@@ -19,9 +19,10 @@ from fastconv.ops import batch_norm as batch_norm_ops
 from fastconv.ops import conv_bn_act as conv_ops
 from fastconv.ops.conv_bn_act import route
 from harness import (
+    DEVICE,
     assert_matches_reference,
     backends_under_test,
-    DEVICE,
+    on_backend,
     poisoned_allocations,
     random_tensor,
     run_backend,
@@ -220,7 +221,7 @@ def test_gradcheck_float64(backend):
     def function(*values):
         return call(dict(zip(names, values)), geometry, "silu")
 
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         assert torch.autograd.gradcheck(function, tuple(t.values()), fast_mode=backend == "triton")
 
 
@@ -234,7 +235,7 @@ def test_gradcheck_float64_with_residual(backend, after):
     def function(*values):
         return call(dict(zip(names, values)), geometry, "silu", after)
 
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         assert torch.autograd.gradcheck(function, tuple(t.values()), fast_mode=backend == "triton")
 
 
@@ -245,7 +246,7 @@ def test_opcheck(backend):
     args = (t["x"], t["weight"], t["bias"], *geometry, t["scale"], t["shift"], "hardswish")
     # The cuda GEMM runs float32 on TF32 tensor cores only: allow it for this registration check.
     tf32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=True) if backend == "cuda" else contextlib.nullcontext()
-    with fastconv.use_backend(backend), tf32:
+    with on_backend(backend), tf32:
         torch.library.opcheck(torch.ops.fastconv.conv2d_bn_act.default, args)
         torch.library.opcheck(torch.ops.fastconv.conv2d_batch_stats.default, args[:7])
         residual = random_tensor((2, 12, 6, 5), torch.float32, "channel_slice").requires_grad_(True)
@@ -340,7 +341,7 @@ def test_training_batch_norm_ops_opcheck(backend):
     mean, var = torch.ops.fastconv.batch_norm_stats(c)
     invstd = torch.rsqrt(var + 1e-5)
     weight, bias = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         torch.library.opcheck(torch.ops.fastconv.batch_norm_stats.default, (c,))
         torch.library.opcheck(
             torch.ops.fastconv.batch_norm_act.default,

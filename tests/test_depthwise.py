@@ -10,10 +10,11 @@ import fastconv
 from fastconv.activations import ACTIVATION_CODES, apply_activation
 from fastconv.backends import interpreting
 from harness import (
-    assert_matches_reference,
-    backends_under_test,
     DEVICE,
     LAYOUTS,
+    assert_matches_reference,
+    backends_under_test,
+    on_backend,
     poisoned_allocations,
     random_tensor,
     run_backend,
@@ -203,7 +204,7 @@ def test_gradcheck_float64(backend, case):
     def function(*values):
         return small.call(dict(zip(names, values)), "hardswish")
 
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         assert torch.autograd.gradcheck(function, tuple(tensors.values()), fast_mode=backend == "triton")
 
 
@@ -224,7 +225,7 @@ def opcheck_samples():
 def test_opcheck(backend, sample):
     tensors, (stride, padding, dilation) = sample
     x, weight, bias, scale, shift = (tensors[k] for k in ("x", "weight", "bias", "scale", "shift"))
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         torch.library.opcheck(
             torch.ops.fastconv.depthwise_conv2d.default, (x, weight, bias, stride, padding, dilation, scale, shift, "relu6")
         )

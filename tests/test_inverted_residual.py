@@ -316,7 +316,7 @@ def test_opcheck(backend, expand):
         t.get("expand_scale"), t.get("expand_shift"), "relu6" if expand else None, t["dw_scale"], t["dw_shift"],
         "relu6", t["project_scale"], t["project_shift"], None if expand else "relu", t["x"],
     )  # fmt: skip
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         torch.library.opcheck(torch.ops.fastconv.inverted_residual.default, args)
 
 

@@ -12,9 +12,10 @@ import fastconv
 from fastconv.activations import apply_activation
 from fastconv.ops import pointwise as pointwise_ops
 from harness import (
+    DEVICE,
     assert_matches_reference,
     backends_under_test,
-    DEVICE,
+    on_backend,
     poisoned_allocations,
     random_tensor,
     run_backend,
@@ -178,7 +179,7 @@ def test_gradcheck_float64(backend):
     def function(*values):
         return call(dict(zip(names, values)), activation="hardswish", after=True, in_activation="silu")
 
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         assert torch.autograd.gradcheck(function, tuple(t.values()), fast_mode=backend == "triton")
 
 
@@ -188,7 +189,7 @@ def test_float64_shift_without_scale_keeps_float64_gradients(backend):
     and float64 gradients came out 1e-7 off (relative)."""
     t = make((1, 4, 3, 5), 6, torch.float64, epilogue=True)
     x, weight, shift = t["x"].requires_grad_(), t["weight"].requires_grad_(), t["shift"].requires_grad_()
-    with fastconv.use_backend(backend):
+    with on_backend(backend):
         y = fastconv.pointwise_conv2d(x, weight, shift=shift, activation="silu")
     grads = torch.autograd.grad(y.square().sum(), (x, weight, shift))
     expected = torch.nn.functional.silu(torch.nn.functional.conv2d(x, weight) + shift.view(1, -1, 1, 1))
@@ -203,7 +204,7 @@ def test_opcheck(backend):
     args = (t["x"], t["weight"], t["bias"], t["scale"], t["shift"], "relu", t["residual"], True, t["in_scale"], t["in_shift"], "relu6")
     # The cuda GEMM runs float32 on TF32 tensor cores only: allow it for this registration check.
     tf32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=True) if backend == "cuda" else contextlib.nullcontext()
-    with fastconv.use_backend(backend), tf32:
+    with on_backend(backend), tf32:
         torch.library.opcheck(torch.ops.fastconv.pointwise_conv2d.default, args)
         detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         out = torch.empty(2, 6, 3, 4, device=DEVICE)
