@@ -82,7 +82,7 @@ def backends_under_test(implementations=None) -> list:
         if implementations is not None and not implementations.has(name):
             reason = f"{implementations.op_name} has no {name} implementation yet"
         if name == "cuda" and not ON_GPU:
-            if EMULATED_CUDA and not (implementations is not None and not implementations.has(name)):
+            if EMULATED_CUDA and (implementations is None or implementations.has(name)):
                 params.append(pytest.param(name, marks=[pytest.mark.emulated], id="cuda-emulated"))
                 continue
             reason = reason or "no CUDA device"
@@ -236,7 +236,8 @@ def with_fused_block_kernels(params: list) -> list:
     """Backend params (backends_under_test's) plus the fused inverted residual's second kernel of
     each GPU backend, which `auto` only picks by timing on a GPU: "triton:tiled" (the expansion
     once per window pixel; plain "triton" runs the gather kernel wherever there is no GPU timer)
-    and, on a GPU, "cuda:tensor_cores" (plain "cuda" runs whichever its first-call timing keeps)."""
+    and "cuda:tensor_cores" (plain "cuda" runs the CUDA-core kernel wherever there is no GPU
+    timer, the emulated extension included)."""
     extra = [pytest.param(f"{p.values[0]}:{kernel}", marks=p.marks, id=f"{p.values[0]}-{kernel}")
              for p in params for backend, kernel in (("triton", "tiled"), ("cuda", "tensor_cores"))
              if p.values[0] == backend]  # fmt: skip
