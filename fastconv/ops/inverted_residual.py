@@ -12,14 +12,14 @@ functions `inverted_residual` and `depthwise_separable_conv2d` fill in its argum
 Backends: `triton` is the fused kernel with both GEMMs on the tensor cores
 (triton_kernels/inverted_residual.py, two kernels timed at a shape's first call); `cuda` the
 same dataflow in CUDA C++, also two kernels timed at the first call: on the CUDA cores
-(csrc/inverted_residual.cu: fp32 FMAs, 4x4 tiles, one launch per 384 output channels, a tile's
-input window in 96 KB of shared memory: every MobileNetV2 and MobileNetV1 block in half
-precision, and float32) and, in half precision with even channel counts, on the tensor cores
-(csrc/inverted_residual_mma.cu: mma.sync GEMMs, 8x8 tiles; FASTCONV_CUDA_FUSED_BLOCK_KERNEL=
-cuda_cores|tensor_cores forces one). Both backends get the scales folded into the weights on the
-host per call, a weight-sized multiply that the modules avoid by passing folded weights and no
-scales. `torch` is the unfused reference chain (fastconv.reference), also the CPU default and
-the float64 path. `auto` times the GPU two.
+(csrc/inverted_residual_kernel.cuh: fp32 FMAs, 4x4 tiles, one launch per 384 output channels,
+a tile's input window in 96 KB of shared memory: every MobileNetV2 and MobileNetV1 block in
+half precision, and float32) and, in half precision with even channel counts, on the tensor
+cores (csrc/inverted_residual_mma_kernel.cuh: mma.sync GEMMs, 8x8 tiles);
+FASTCONV_CUDA_FUSED_BLOCK_KERNEL=cuda_cores|tensor_cores forces one. Both backends get the
+scales folded into the weights on the host per call, a weight-sized multiply that the modules
+avoid by passing folded weights and no scales. `torch` is the unfused reference chain (fastconv.reference), also the
+CPU default and the float64 path. `auto` times the GPU two.
 
 Inference only: the fused op has no backward. When gradients are wanted the public functions
 run the same chain as fastconv's unfused, differentiable ops (pointwise_conv2d,
@@ -36,8 +36,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from fastconv import reference
-from fastconv._timing import choose_kernel
 from fastconv._geometry import empty_output, normalise_geometry
+from fastconv._timing import choose_kernel
 from fastconv._validation import check_channel_vector, check_shape, fail
 from fastconv.activations import activation_code
 from fastconv.backends import OpImplementations
@@ -153,11 +153,6 @@ def _forward_triton(*, out, x, expand_weight, dw_weight, project_weight, stride,
     )  # fmt: skip
 
 
-def _cuda_forward_op():
-    """The extension's op; tests/cuda_emulation.py swaps in its CPU run of the tensor-core kernel."""
-    return torch.ops.fastconv_cuda.inverted_residual_forward
-
-
 def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, padding, dilation, expand_scale,
                   expand_shift, expand_activation, dw_scale, dw_shift, dw_activation, project_scale, project_shift,
                   project_activation, residual):  # fmt: skip
@@ -180,10 +175,10 @@ def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, p
         if why is not None:  # a forced choice says so (as the backends do); the first-call timing leaves it out
             raise RuntimeError(f"fastconv: backend 'cuda' cannot run inverted_residual with "
                                f"FASTCONV_CUDA_FUSED_BLOCK_KERNEL=tensor_cores: its tensor-core kernel: {why}")
-        _cuda_forward_op()(*arguments, kernel=1)
+        torch.ops.fastconv_cuda.inverted_residual_forward(*arguments, kernel=1)
 
     launches = {
-        "cuda_cores": lambda: _cuda_forward_op()(*arguments, kernel=0),
+        "cuda_cores": lambda: torch.ops.fastconv_cuda.inverted_residual_forward(*arguments, kernel=0),
         "tensor_cores": tensor_cores,
     }
     key = (tuple(x.shape), x.dtype, x.stride(), expand_weight is not None, tuple(dw_weight.shape), project_weight.shape[0],
@@ -199,6 +194,7 @@ def _forward_cuda(*, out, x, expand_weight, dw_weight, project_weight, stride, p
 # cuda_cores|tensor_cores forces one (the GPU tests run both).
 _CHOSEN_CUDA_KERNEL: dict = {}
 last_cuda_kernel = "cuda_cores"  # the kernel of the latest call (the benchmark records it)
+
 
 def last_kernel(backend: str) -> str:
     """The fused-block kernel that `backend`'s ("cuda" or "triton") latest call ran."""
