@@ -18,8 +18,8 @@ half precision, and float32) and, in half precision with even channel counts, on
 cores (csrc/inverted_residual_mma_kernel.cuh: mma.sync GEMMs, 8x8 tiles);
 FASTCONV_CUDA_FUSED_BLOCK_KERNEL=cuda_cores|tensor_cores forces one. Both backends get the
 scales folded into the weights on the host per call, a weight-sized multiply that the modules
-avoid by passing folded weights and no scales. `torch` is the unfused reference chain (fastconv.reference), also the
-CPU default and the float64 path. `auto` times the GPU two.
+avoid by passing folded weights and no scales. `torch` is the unfused reference chain
+(fastconv.reference), also the CPU default and the float64 path. `auto` times the GPU two.
 
 Inference only: the fused op has no backward. When gradients are wanted the public functions
 run the same chain as fastconv's unfused, differentiable ops (pointwise_conv2d,
