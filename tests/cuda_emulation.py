@@ -24,6 +24,7 @@ the temporary directory) and returns torch.ops.fastconv_emulated.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -142,13 +143,18 @@ def emulated_ops():
         from torch.utils.cpp_extension import load
 
         build = Path(tempfile.gettempdir()) / f"fastconv-emulated-{_sources_digest()}"
-        units = _prepare(build / "src")
-        load(
-            name="fastconv_emulated", sources=units, build_directory=str(build), is_python_module=False,
-            extra_include_paths=[str(STAND_INS), str(build / "src")],
-            extra_cflags=["-O1", "-std=c++20", "-pthread", "-Wno-unknown-pragmas", "-Wno-unused-variable"],
-            extra_ldflags=["-pthread"], verbose=os.environ.get("FASTCONV_VERBOSE_BUILD") == "1",
-        )  # fmt: skip
+        build.mkdir(parents=True, exist_ok=True)
+        # One test process at a time prepares and builds: another's rewrite of a source could
+        # land while this one's ninja compiles it.
+        with open(build / "prepare.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            units = _prepare(build / "src")
+            load(
+                name="fastconv_emulated", sources=units, build_directory=str(build), is_python_module=False,
+                extra_include_paths=[str(STAND_INS), str(build / "src")],
+                extra_cflags=["-O1", "-std=c++20", "-pthread", "-Wno-unknown-pragmas", "-Wno-unused-variable"],
+                extra_ldflags=["-pthread"], verbose=os.environ.get("FASTCONV_VERBOSE_BUILD") == "1",
+            )  # fmt: skip
         _OPS = torch.ops.fastconv_emulated
     return _OPS
 
