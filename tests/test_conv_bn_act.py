@@ -176,7 +176,11 @@ def test_half_precision_within_twice_pytorch_error(backend, dtype):
     skip_interpreted_bf16_dot(backend, dtype)
     # SiLU, not a kinked activation: half-precision rounding flips a kink's derivative at random
     # elements (see test_depthwise.py). 48 input channels keep the statistics of the maxima stable.
-    t, geometry = make(((2, 48, 9, 9), 32, (3, 3), 2, 1, 1, 2), dtype)
+    # grad_scale (a bf16 sum of 50 cancelling terms a channel) is the noisy one: the emulated cuda
+    # path's largest error against eager bf16's was 0.5x at the median and 1.42x / 1.52x at worst
+    # over 60 draws each with 32 / 64 output channels, yet one draw (CI's, 32 channels) reached
+    # 2.05x; 64 channels give the yardstick's maximum more samples.
+    t, geometry = make(((2, 48, 9, 9), 64, (3, 3), 2, 1, 1, 2), dtype)
     run(backend, t, geometry, lowp=True, activation="silu")
 
 
